@@ -1,0 +1,63 @@
+"""Atomic Parquet writers: a table is rewritten whole to a temporary file in the same folder
+and renamed over the old one, so a reader (or a killed writer) never sees half a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class ReportWriter:
+    """trials.parquet (one row per trial, replaced when the same trial_id is written again)
+    and steps.parquet (one row per trial per evaluation) under `directory`. Rows already on
+    disk are kept: a resumed search appends to them."""
+
+    def __init__(self, directory: str | Path, search: str):
+        self.directory = Path(directory)
+        self.search = search
+        self.trials = self._read("trials.parquet")
+        self.steps = self._read("steps.parquet")
+
+    def _read(self, name: str) -> pd.DataFrame:
+        path = self.directory / name
+        return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+    def write_trial(self, row: dict, steps: list[dict] = ()) -> None:
+        row = {"search": self.search, **row}
+        trial_id = row["trial_id"]
+        keep = self.trials[self.trials["trial_id"] != trial_id] if len(self.trials) else None
+        self.trials = pd.concat([keep, pd.DataFrame([row])], ignore_index=True)
+        write_parquet_atomic(self.directory / "trials.parquet", self.trials)
+        if steps:
+            rows = pd.DataFrame([{"search": self.search, "trial_id": trial_id, **s}
+                                 for s in steps])
+            old = self.steps[self.steps["trial_id"] != trial_id] if len(self.steps) else None
+            self.steps = pd.concat([old, rows], ignore_index=True)
+            write_parquet_atomic(self.directory / "steps.parquet", self.steps)
+
+    def write_meta(self, payload: dict) -> None:
+        write_json_atomic(self.directory / "search.json", payload)

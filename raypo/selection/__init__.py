@@ -1,0 +1,1 @@
+"""Data-driven selection metrics: what the search looks at first (HT-SR alpha, ...)."""

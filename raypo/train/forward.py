@@ -1,0 +1,78 @@
+"""One forward over chosen and rejected concatenated, producing only what the loss reads.
+
+The batch layout (raypo.data.collate): rows 0..B-1 chosen, B..2B-1 rejected, every prompt
+ending and every response starting at column P, so the logits of the response positions are
+the last T+1 positions' (`logits_to_keep`), shifted by one. No logits are computed for prompt
+tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raypo.losses.batch import EMBEDDING_FIELDS, LOGIT_FIELDS
+
+TOKEN_LOGP_FIELDS = frozenset({
+    "policy_chosen_token_logps", "policy_rejected_token_logps",
+    "ref_chosen_token_logps", "ref_rejected_token_logps",
+})
+HIDDEN_FIELDS = frozenset({"ref_chosen_hidden", "ref_rejected_hidden"})
+
+
+@dataclass
+class ForwardOutput:
+    """Per-row (2B) results of one forward; fields a loss does not need stay None."""
+
+    logps: Tensor  # (2B,) summed response log-probs
+    token_logps: Tensor  # (2B, T), 0 at padding
+    logits: Tensor | None = None  # (2B, T, V) at response positions
+    hidden: Tensor | None = None  # (2B, T, H) last hidden state at response positions
+    response_embeddings: Tensor | None = None  # (2B, H) mean over response tokens
+    prompt_embeddings: Tensor | None = None  # (B, H) mean over prompt tokens
+
+
+def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False,
+                     embeddings: bool = False) -> ForwardOutput:
+    """Run `model` on a PairBatch. Log-probs are computed in float32 whatever the model's
+    dtype (bf16 log-softmax loses the small differences DPO's margin is made of)."""
+    T = batch.labels.shape[1]
+    need_hidden = hidden or embeddings
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=T + 1,
+                output_hidden_states=need_hidden, use_cache=False)
+    step_logits = out.logits[:, :-1].float()
+    token_logps = torch.log_softmax(step_logits, -1).gather(-1, batch.labels.unsqueeze(-1))
+    token_logps = token_logps.squeeze(-1) * batch.response_mask
+    result = ForwardOutput(logps=token_logps.sum(-1), token_logps=token_logps,
+                           logits=step_logits if logits else None)
+    if need_hidden:
+        last = out.hidden_states[-1]  # (2B, P+T, H)
+        at_response = last[:, -(T + 1):-1]  # the states that predict the response tokens
+        if hidden:
+            result.hidden = at_response
+        if embeddings:
+            resp_mask = batch.attention_mask[:, -T:]
+            result.response_embeddings = _mean_pool(last[:, -T:].float(), resp_mask)
+            B = batch.labels.shape[0] // 2
+            result.prompt_embeddings = _mean_pool(last[:B].float(), batch.prompt_mask[:B])
+    return result
+
+
+def needs(requires: frozenset[str]) -> dict[str, bool]:
+    """Which expensive outputs a loss's `requires` asks for (from the policy's forward)."""
+    return {
+        "logits": bool(requires & {"policy_chosen_logits", "policy_rejected_logits"}),
+        "embeddings": bool(requires & EMBEDDING_FIELDS),
+        "token_logps": bool(requires & TOKEN_LOGP_FIELDS),
+        "ref_logits": bool(requires & (LOGIT_FIELDS - {"policy_chosen_logits",
+                                                        "policy_rejected_logits"})),
+        "ref_hidden": bool(requires & HIDDEN_FIELDS),
+    }

@@ -1,0 +1,143 @@
+"""One training run, top to bottom: set-up, optimizer, loop, evaluation, checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from raypo.data.collate import LengthGroupedBatches, collate
+from raypo.losses import schedule
+from raypo.selection.htsr import layer_alphas, summarize
+from raypo.train import checkpoint
+from raypo.train.evaluate import held_out_metrics, sample_and_score
+from raypo.train.setup import Setup
+from raypo.train.step import preference_batch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run (trial) is recorded as failed."""
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed runs (under Ray Train)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batches(setup: Setup, epoch: int, skip: int):
+    """Index lists from `epoch`, batch `skip` on, forever; yields (epoch, position, indices).
+
+    Every worker draws the same global batch (same seed) and keeps its own share of it, so
+    N workers see exactly the pairs one worker would, and DDP's gradient mean equals the
+    one-worker gradient of the global batch.
+    """
+    rank, world = _world()
+    sampler = LengthGroupedBatches(setup.train_pairs.lengths(), setup.cfg.batch_size,
+                                   seed=setup.cfg.seed, drop_last=True)
+    while True:
+        sampler.set_epoch(epoch)
+        for pos, indices in enumerate(sampler):
+            if pos >= skip:
+                yield epoch, pos + 1, indices[rank::world]
+        epoch, skip = epoch + 1, 0
+
+
+def evaluate(setup: Setup, step: int) -> dict[str, float]:
+    metrics = held_out_metrics(setup, setup.policy)
+    if setup.task is not None:
+        metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
+                                        seed=setup.cfg.seed + 1))
+        if "ref_true_reward" not in setup.cache:
+            ref = sample_and_score(setup, setup.reference_model, setup.cfg.eval_samples,
+                                   seed=setup.cfg.seed + 1)
+            setup.cache["ref_true_reward"] = ref["true_reward"]
+        metrics["ref_true_reward"] = setup.cache["ref_true_reward"]
+    setup.policy.train()
+    setup.loss_fn.train()
+    return metrics
+
+
+def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
+          forward_model=None) -> dict:
+    """Train `setup.policy` with `setup.loss_fn`; returns the final metrics.
+
+    `on_eval(step, metrics)` is called at every evaluation (Tune reports there);
+    `progress(step, loss)` after every optimizer step (a progress bar). `forward_model` is
+    the module the training forward runs through (DDP's wrapper of the policy under Ray
+    Train; the policy itself by default).
+    """
+    cfg, policy, loss_fn = setup.cfg, setup.policy, setup.loss_fn
+    forward_model = forward_model or policy
+    params = [p for m in (policy, loss_fn) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    beta = schedule(cfg.beta_schedule.name, **{"beta": float(loss_fn.beta),
+                                                "total_steps": cfg.steps,
+                                                **cfg.beta_schedule.params}
+                    ) if cfg.beta_schedule.name != "constant" else None
+    state = {"step": 0, "epoch": 0, "pos": 0, "tokens": 0, "train_seconds": setup.reference_seconds,
+             "history": []}
+    saved = checkpoint.load(checkpoint_dir)
+    if saved:
+        policy.load_state_dict(saved["policy"])
+        loss_fn.load_state_dict(saved["loss"])
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_sched.load_state_dict(saved["lr_sched"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+    batches = _batches(setup, state["epoch"], state["pos"])
+    policy.train()
+    loss_fn.train()
+    for step in range(state["step"], cfg.steps):
+        start = time.perf_counter()
+        if beta is not None:
+            loss_fn.set_beta(beta(step))
+        for _ in range(cfg.grad_accum):
+            state["epoch"], state["pos"], indices = next(batches)
+            batch = collate(setup.train_pairs, indices, setup.tokenizer.pad_token_id)
+            batch = batch.to(setup.device)
+            out = loss_fn(preference_batch(setup, batch, forward_model, setup.ref_train,
+                                           cfg.embedding_source == "policy"))
+            if not math.isfinite(out.loss.item()):
+                raise TrainingDiverged(f"step {step}: loss is {out.loss.item()}")
+            (out.loss / cfg.grad_accum).backward()
+            state["tokens"] += batch.n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn.on_step_end()
+        state["train_seconds"] += time.perf_counter() - start
+        state["step"] = step + 1
+        if progress:
+            progress(step + 1, out.loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row = {"step": step + 1, "loss": out.loss.item(), "beta": float(loss_fn.beta),
+                   "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
+                   **{k: float(v) for k, v in out.metrics.items() if v.numel() == 1},
+                   **evaluate(setup, step + 1)}
+            state["history"].append(row)
+            if on_eval:
+                on_eval(step + 1, row)
+        if checkpoint_dir and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+                               or step + 1 == cfg.steps):
+            checkpoint.save(checkpoint_dir, {
+                "policy": policy.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(),
+                "rng": torch.get_rng_state(), "state": state})
+    return final_metrics(setup, state)
+
+
+def final_metrics(setup: Setup, state: dict) -> dict:
+    last = dict(state["history"][-1]) if state["history"] else {}
+    htsr = summarize(layer_alphas(setup.policy))
+    last.update({f"htsr_{k}": v for k, v in htsr.items() if k != "layers"})
+    last.update(tokens=state["tokens"], train_seconds=state["train_seconds"],
+                tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
+                steps=state["step"])
+    return last

@@ -1,0 +1,67 @@
+"""A training run as one trial: prepare, train, and the trial's row for trials.parquet."""
+
+from __future__ import annotations
+
+import resource
+import time
+import traceback
+
+import torch
+
+from raypo.data.errors import DataError
+from raypo.train.config import ConfigError, TrainConfig
+from raypo.train.loop import train
+from raypo.train.setup import prepare
+
+
+def hyperparameters(cfg: TrainConfig) -> dict:
+    """Every hyperparameter as its own column (flat, typed)."""
+    row = {"loss": cfg.loss.name, "beta_schedule": cfg.beta_schedule.name, "lr": cfg.lr,
+           "batch_size": cfg.batch_size, "steps": cfg.steps, "seed": cfg.seed,
+           "model": cfg.model or "tiny", "data": cfg.data or f"builtin:{cfg.task.variant}"}
+    row.update({k: v for k, v in cfg.loss.params.items() if isinstance(v, int | float | str)})
+    row.update({f"schedule_{k}": v for k, v in cfg.beta_schedule.params.items()})
+    return row
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def objective_of(metrics: dict, builtin: bool) -> float | None:
+    """On the built-in task what the policy generates (true reward); on a dataset the held-out
+    preference accuracy."""
+    return metrics.get("true_reward" if builtin else "pref_accuracy")
+
+
+def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print,
+              on_eval=None, progress=None) -> tuple[dict, list[dict]]:
+    """(trial row, step rows). A failing run is recorded (status failed, the error) rather
+    than raised, so a search goes on."""
+    start = time.perf_counter()
+    row = {"trial_id": trial_id, **hyperparameters(cfg)}
+    history: list[dict] = []
+
+    def keep(step, metrics):
+        history.append(metrics)
+        if on_eval:
+            on_eval(step, metrics)
+
+    device = torch.device("cpu")
+    try:
+        setup = prepare(cfg, log=log)
+        device = setup.device
+        metrics = train(setup, checkpoint_dir=checkpoint_dir, on_eval=keep, progress=progress)
+        row.update(status="ok", error=None, objective=objective_of(metrics, cfg.builtin))
+        # a metric named like a hyperparameter (the last `loss` value, the adapted `beta`)
+        # must not overwrite it: it becomes final_loss, final_beta
+        row.update({f"final_{k}" if k in row else k: v for k, v in metrics.items()})
+    except (KeyboardInterrupt, SystemExit, DataError, ConfigError):
+        raise  # bad input is the user's to fix, not a failed trial
+    except Exception as error:  # recorded with its message; the caller decides the exit code
+        log(traceback.format_exc())
+        row.update(status="failed", error=f"{type(error).__name__}: {error}", objective=None)
+    row.update(wall_s=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
+    return row, history

@@ -1,0 +1,68 @@
+"""`raypo train` as a user runs it: a report on disk, JSON on the last line, and clear errors
+with a non-zero exit status for bad configs and bad data (and nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from raypo.cli import app
+
+SMALL = ["--set", "task.train_pairs=64", "--set", "task.eval_pairs=16", "--set",
+         "task.base_steps=50", "--set", "batch_size=8", "--set", "eval_samples=8",
+         "--set", "steps=4", "--set", "eval_every=2"]
+
+
+def _run(args):
+    return CliRunner().invoke(app, args)
+
+
+def test_train_writes_a_one_trial_report_and_json(tmp_path):
+    result = _run(["train", "search_spaces/builtin_dpo.yaml", *SMALL,
+                   "--set", f"reports={tmp_path}", "--json"])
+    assert result.exit_code == 0, result.output
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("pref_accuracy", "reward_margin", "chosen_reward", "kl", "true_reward",
+                "ref_true_reward", "tokens_per_s", "wall_s"):
+        assert key in final, key
+    trials = pd.read_parquet(tmp_path / "builtin_dpo" / "trials.parquet")
+    assert len(trials) == 1 and trials.loc[0, "status"] == "ok"
+    assert trials.loc[0, "loss"] == "dpo" and trials.loc[0, "beta"] == 0.1
+    steps = pd.read_parquet(tmp_path / "builtin_dpo" / "steps.parquet")
+    assert list(steps["step"]) == [2, 4]
+
+
+def test_unknown_key_exits_2_naming_file_and_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("loss: dpo\nstepz: 3\n")
+    result = _run(["train", str(config), "--set", f"reports={tmp_path}"])
+    assert result.exit_code == 2
+    assert "bad.yaml" in result.output and "stepz: unknown key" in result.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_loss_parameter_names_it(tmp_path):
+    result = _run(["train", "search_spaces/builtin_dpo.yaml", "--set", "loss.bta=0.1",
+                   "--set", f"reports={tmp_path}"])
+    assert result.exit_code == 2
+    assert "no parameter 'bta'" in result.output
+
+
+def test_bad_data_exits_2_naming_file_column_and_row(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"},
+            {"prompt": "a", "chosen": 3, "rejected": "c"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = _run(["train", "search_spaces/builtin_dpo.yaml", "--set", f"data={data}",
+                   "--set", f"reports={tmp_path / 'reports'}"])
+    assert result.exit_code == 2, result.output
+    assert "prefs.jsonl" in result.output and "'chosen'" in result.output
+    assert "row 1" in result.output
+    assert not (tmp_path / "reports").exists()
+
+
+def test_missing_config_file(tmp_path):
+    result = _run(["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml: no such file" in result.output
