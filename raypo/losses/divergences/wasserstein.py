@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
-from ot.batch import solve_batch
 from torch import Tensor
 
 from raypo.losses.batch import Logits, TopKLogits
 from raypo.losses.divergences.base import LOG_FLOOR, Divergence, check_pair, log1mexp
 from raypo.losses.registry import DIVERGENCES, check_positive
+
+# POT imports every array library it finds; raypo only hands it torch tensors. Importing JAX or
+# CuPy on a GPU machine would make them reserve most of the GPU's memory (XLA preallocates 75%)
+# and slow every start-up, so those backends stay off unless the user turned them on.
+for _backend in ("JAX", "CUPY", "TENSORFLOW"):
+    os.environ.setdefault(f"POT_BACKEND_DISABLE_{_backend}", "1")
+from ot.batch import solve_batch  # noqa: E402
 
 # Positions per chunk when gathering embeddings for the ground cost, so that (chunk, 2k, d)
 # stays near 2**24 numbers (64 MiB in float32) whatever the batch.
