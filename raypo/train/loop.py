@@ -52,7 +52,7 @@ def evaluate(setup: Setup, step: int) -> dict[str, float]:
         metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
                                         seed=setup.cfg.seed + 1))
         if "ref_true_reward" not in setup.cache:
-            ref = sample_and_score(setup, setup.reference_model, setup.cfg.eval_samples,
+            ref = sample_and_score(setup, setup.reference_model.model, setup.cfg.eval_samples,
                                    seed=setup.cfg.seed + 1)
             setup.cache["ref_true_reward"] = ref["true_reward"]
         metrics["ref_true_reward"] = setup.cache["ref_true_reward"]

@@ -7,7 +7,6 @@ search calls `prepare` once on the driver and every trial reads the caches.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,13 @@ from raypo.data.collate import LengthGroupedBatches, collate
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
 from raypo.losses import PreferenceLoss, build
-from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
+from raypo.models.load import (
+    Reference,
+    load_policy,
+    load_tokenizer,
+    model_fingerprint,
+    reference_of,
+)
 from raypo.train.base_model import fit_base_model
 from raypo.train.config import TrainConfig
 from raypo.train.forward import needs
@@ -43,7 +48,7 @@ class Setup:
     ref_eval: ReferenceOutputs
     device: torch.device
     task: TaskSpec | None = None
-    reference_model: torch.nn.Module | None = None  # kept only where a loss or eval needs it
+    reference_model: Reference | None = None  # kept only where a loss or eval needs it
     model_fingerprint: str = ""
     reference_seconds: float = 0.0
     cache: dict = field(default_factory=dict)  # values computed once per run (ref_true_reward)
@@ -121,9 +126,9 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
         for pairs in (train_pairs, eval_pairs))
     reference_seconds = time.perf_counter() - start
-    reference_model = None
-    if live_reference or cfg.builtin:  # the built-in task's KL estimate needs it too
-        reference_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    # LoRA: the policy with adapters off; otherwise a frozen copy, made only when needed
+    needs_live = live_reference or cfg.builtin  # the built-in task's KL estimate needs it too
+    reference_model = reference_of(policy) if needs_live else None
     _fit_kernel(loss_fn, ref_train)
     return Setup(cfg=cfg, tokenizer=tokenizer, policy=policy, loss_fn=loss_fn,
                  train_pairs=train_pairs, eval_pairs=eval_pairs, ref_train=ref_train,
