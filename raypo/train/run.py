@@ -51,9 +51,15 @@ def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print
 
     device = torch.device("cpu")
     try:
-        setup = prepare(cfg, log=log)
-        device = setup.device
-        metrics = train(setup, checkpoint_dir=checkpoint_dir, on_eval=keep, progress=progress)
+        if cfg.num_workers > 1:  # Ray Train workers; checkpoints live in the Train run
+            from raypo.train.distributed import train_distributed  # ray only when needed
+
+            metrics = train_distributed(cfg, trial_name=trial_id, on_eval=keep, log=log)
+        else:
+            setup = prepare(cfg, log=log)
+            device = setup.device
+            metrics = train(setup, checkpoint_dir=checkpoint_dir, on_eval=keep,
+                            progress=progress)
         row.update(status="ok", error=None, objective=objective_of(metrics, cfg.builtin))
         # a metric named like a hyperparameter (the last `loss` value, the adapted `beta`)
         # must not overwrite it: it becomes final_loss, final_beta
