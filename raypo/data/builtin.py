@@ -12,12 +12,13 @@ reward-vs-KL frontier of the DPO paper's controlled-sentiment experiment, at lap
 Variants (each with a different structure, so different losses should win):
 - `graded`: labels by sortedness (Bradley-Terry sampling when `bt_temperature` > 0). Plain
   DPO-style losses should do well; it is the control.
-- `length`: the labeller is biased toward length: labels come from sortedness + 0.6 * len/12,
+- `length`: the labeller is biased toward length: labels come from sortedness +
+  length_bias * len/12 (default 1.0),
   while the true reward is sortedness alone, and longer random strings are less sorted.
   A loss that rewards the summed log-ratio learns "longer is better"; length-normalised or
   length-regularised losses (simpo, ipo, rdpo, mi_dpo with the rdpo or simpo prior) should
   keep more of the true reward.
-- `noisy`: labels by sortedness with a share `flip` (default 0.3) flipped at random. Losses
+- `noisy`: labels by sortedness with a share `flip` (default 0.2) flipped at random. Losses
   built for label noise (robust, cdpo) should degrade least.
 """
 
@@ -29,6 +30,9 @@ import random
 from dataclasses import asdict, dataclass
 
 VARIANTS = ("graded", "length", "noisy")
+# Part of every task fingerprint: bump when the generation or labelling rules change, so that
+# cached tokenized pairs and reference outputs of the old rules are not reused.
+TASK_VERSION = 2
 SEPARATOR = ">"
 
 
@@ -55,8 +59,8 @@ class TaskSpec:
     prompt_digits: tuple[int, int] = (3, 6)
     response_digits: tuple[int, int] = (2, 12)
     sorted_share: float = 0.35  # share of base responses drawn nearly sorted
-    flip: float = 0.3  # noisy variant: share of flipped labels
-    length_bias: float = 0.6  # length variant: weight of len/12 in the labeller's reward
+    flip: float = 0.2  # noisy variant: share of flipped labels
+    length_bias: float = 1.0  # length variant: weight of len/12 in the labeller's reward
     bt_temperature: float = 0.0  # > 0: sample labels from Bradley-Terry instead of argmax
     seed: int = 0
 
@@ -70,7 +74,8 @@ class TaskSpec:
             raise ValueError(f"task: flip must be in [0, 0.5), got {self.flip}")
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        payload = {**asdict(self), "version": TASK_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def true_reward(self, response: str) -> float:
         return sortedness(response)
@@ -123,13 +128,14 @@ def preference_pairs(spec: TaskSpec, split: str) -> list[dict[str, str]]:
     """Pairs in TRL's standard format (`prompt`, `chosen`, `rejected`) for split train/eval.
 
     Pairs whose two responses have the same labeller reward carry no preference and are
-    redrawn. Held-out (eval) labels are always clean and by the true reward, so that held-out
-    preference accuracy measures what was learnt, not the label noise or bias.
+    redrawn. Held-out (eval) labels are the labeller's preference without its random errors
+    (no flips, no Bradley-Terry sampling): held-out accuracy measures agreement with what the
+    labeller prefers (length bias included), the true reward of samples measures quality.
     """
     n = spec.train_pairs if split == "train" else spec.eval_pairs
     rng = random.Random(f"{spec.seed}-pairs-{split}")
-    clean = TaskSpec(**{**asdict(spec), "variant": "graded", "bt_temperature": 0.0})
-    labeller = spec if split == "train" else clean
+    without_errors = TaskSpec(**{**asdict(spec), "flip": 0.0, "bt_temperature": 0.0})
+    labeller = spec if split == "train" else without_errors
     pairs = []
     while len(pairs) < n:
         prompt = _prompt(rng, spec)

@@ -24,8 +24,10 @@ def _encode(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
 
 
 def fit_key(spec: TaskSpec, steps: int, seed: int) -> str:
-    return hash_json({"task": spec.fingerprint(), "steps": steps, "seed": seed,
-                      "v": FIT_VERSION})[:16]
+    # only what shapes the base distribution: every variant shares one fitted base model
+    base = {"prompt_digits": spec.prompt_digits, "response_digits": spec.response_digits,
+            "sorted_share": spec.sorted_share, "task_seed": spec.seed}
+    return hash_json({"base": base, "steps": steps, "seed": seed, "v": FIT_VERSION})[:16]
 
 
 def fit_base_model(spec: TaskSpec, tokenizer, steps: int = 400, seed: int = 0,

@@ -30,7 +30,7 @@ class TaskConfig(_Strict):
     variant: str = "graded"
     train_pairs: int = Field(2000, ge=8)
     eval_pairs: int = Field(256, ge=8)
-    flip: float = Field(0.3, ge=0.0, lt=0.5)
+    flip: float = Field(0.2, ge=0.0, lt=0.5)
     length_bias: float = Field(1.0, ge=0.0)
     bt_temperature: float = Field(0.0, ge=0.0)
     seed: int = 0

@@ -154,7 +154,8 @@ def _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log) -> Re
 
     def compute():
         log(f"reference outputs: computing for {len(pairs)} pairs (cached afterwards)")
-        batches = LengthGroupedBatches(pairs.lengths(), cfg.batch_size, shuffle=False)
+        # no activations are kept for a backward pass: larger batches, better matmul use
+        batches = LengthGroupedBatches(pairs.lengths(), 4 * cfg.batch_size, shuffle=False)
         return compute_reference(policy, pairs, batches,
                                  lambda p, idx: collate(p, idx, tokenizer.pad_token_id),
                                  token_logps=want["token_logps"], topk=topk,
