@@ -23,6 +23,9 @@ class PreferenceLoss(nn.Module):
     requires: frozenset[str] = SEQUENCE_FIELDS
     #  Reference-free losses report beta * logp / |y| as their reward instead.
     reference_free: bool = False
+    # True for a loss that needs full-vocabulary reference logits (the top-k cache will not
+    # do): the trainer then runs the reference at every step instead of caching its logits.
+    full_reference_logits: bool = False
 
     def __init__(self, beta: float = 0.1):
         super().__init__()

@@ -46,6 +46,7 @@ class EpsilonDPO(PreferenceLoss):
     """
 
     requires = SEQUENCE_FIELDS | LOGIT_FIELDS | MASK_FIELDS | {"chosen_labels", "rejected_labels"}
+    full_reference_logits = True
 
     def __init__(self, beta: float = 0.01, eps: float = 0.01):
         super().__init__(beta)

@@ -49,6 +49,7 @@ class Setup:
     device: torch.device
     task: TaskSpec | None = None
     reference_model: Reference | None = None  # kept only where a loss or eval needs it
+    live_reference_logits: bool = False  # full reference logits computed at every step
     model_fingerprint: str = ""
     reference_seconds: float = 0.0
     cache: dict = field(default_factory=dict)  # values computed once per run (ref_true_reward)
@@ -118,9 +119,10 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     loss_fn = build_loss(cfg, policy).to(device)
     want = needs(loss_fn.requires)
     want["embeddings"] = want["embeddings"] and cfg.embedding_source == "reference"
-    # epsilon-DPO perturbs full-vocabulary reference logits: those are computed live by a
-    # frozen reference copy rather than cached (they would not fit for a real vocabulary).
-    live_reference = cfg.loss.name == "epsilon_dpo"
+    # epsilon-DPO perturbs full-vocabulary reference logits: those are computed live by the
+    # reference rather than cached (they would not fit on disk for a real vocabulary).
+    live_reference = loss_fn.full_reference_logits
+    want["ref_logits"] = want["ref_logits"] and not live_reference  # no top-k cache then
     start = time.perf_counter()
     ref_train, ref_eval = (
         _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
@@ -133,6 +135,7 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     return Setup(cfg=cfg, tokenizer=tokenizer, policy=policy, loss_fn=loss_fn,
                  train_pairs=train_pairs, eval_pairs=eval_pairs, ref_train=ref_train,
                  ref_eval=ref_eval, device=device, task=spec, reference_model=reference_model,
+                 live_reference_logits=live_reference,
                  model_fingerprint=model_fp, reference_seconds=reference_seconds)
 
 

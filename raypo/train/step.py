@@ -32,7 +32,7 @@ def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: 
         fields.update(prompt_embeddings=out.prompt_embeddings,
                       chosen_embeddings=out.response_embeddings[:B],
                       rejected_embeddings=out.response_embeddings[B:])
-    if setup.cfg.loss.name == "epsilon_dpo":  # full reference logits, live (see setup.py)
+    if setup.live_reference_logits:  # full-vocabulary reference logits (see setup.py)
         with torch.no_grad():
             ref = sequence_forward(setup.reference_model, batch, logits=True)
         fields.update(ref_chosen_logits=ref.logits[:B], ref_rejected_logits=ref.logits[B:])
