@@ -1,5 +1,6 @@
 """Session-wide settings: a private cache folder (tokenized data, reference outputs, the built-in
-base model are computed once per test session and shared), no telemetry, seeded torch."""
+base model are computed once per test session and shared), no telemetry, and one local Ray
+instance for the tests that need it (start-up takes seconds, so once per session)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,25 @@ def raypo_cache(tmp_path_factory):
         os.environ.pop("RAYPO_CACHE", None)
     else:
         os.environ["RAYPO_CACHE"] = old
+
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+@pytest.fixture(scope="session")
+def ray_session(raypo_cache):
+    ray = pytest.importorskip("ray")
+    old = {key: os.environ.get(key) for key in RAY_ENV}
+    os.environ.update(RAY_ENV)  # read by ray.init and the processes it starts
+    # address="local": never join a stray cluster or RAY_ADDRESS. The dashboard stays on: its
+    # state API frees the placement groups of stopped Train runs.
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20,
+             runtime_env={"env_vars": {"RAYPO_CACHE": str(raypo_cache)}})
+    yield ray
+    ray.shutdown()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
