@@ -75,3 +75,141 @@ def train(
                 "true_reward", "ref_true_reward", "tokens_per_s", "wall_s", "objective",
                 "eval_loss", "htsr_alpha_mean")
         typer.echo(json.dumps({k: row.get(k) for k in keys if k in row}))
+
+
+@app.command()
+def search(
+    space: Annotated[Path, typer.Argument(help="YAML search space (search_spaces/*.yaml)")],
+    model: Annotated[str | None, typer.Option(help="hub name or local folder")] = None,
+    data: Annotated[str | None, typer.Option(help="preference data: file, folder, hub")] = None,
+    samples: Annotated[int | None, typer.Option(help="number of trials (budget.trials)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster ('auto' after ray up)")] = None,
+    name: Annotated[str | None, typer.Option(help="report name (default: the space's)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted search")] = False,
+    reports: Annotated[Path, typer.Option(help="folder of reports")] = Path("reports"),
+) -> None:
+    """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
+    from raypo.data.errors import DataError
+    from raypo.search.run import run_search
+    from raypo.search.space import SpaceError, load_space
+    from raypo.train.config import ConfigError
+
+    overrides = {"model": model, "data": data, "name": name,
+                 "budget.trials": samples}
+    if samples is not None and samples < 1:
+        _fail("--samples: expected a positive number of trials")
+    try:
+        parsed = load_space(space, overrides)
+        out = run_search(parsed, reports=reports, address=address, resume=resume)
+    except (SpaceError, ConfigError, DataError) as e:
+        _fail(str(e))
+    from raypo.reports import load
+
+    report = load(out)
+    counts = report.trials["status"].value_counts().to_dict()
+    typer.echo(f"report: {out}  ({', '.join(f'{v} {k}' for k, v in counts.items())})",
+               err=True)
+    if (report.trials["status"] == "ok").any():
+        objective = report.meta["objectives"][0]
+        best = report.best(mode=objective["mode"])
+        typer.echo(f"best: {best['trial_id']} {objective['metric']} {best['objective']:.4f}",
+                   err=True)
+    typer.echo(str(out))
+
+
+@app.command()
+def select(
+    report: Annotated[Path, typer.Argument(help="a report folder (reports/<name>)")],
+    top: Annotated[int, typer.Option(help="how many pairs to show")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="a JSON list on the last line")]
+    = False,
+) -> None:
+    """The chosen kernel-divergence pair(s) of a search, with the evidence."""
+    import json
+    import math
+
+    from raypo.reports import load
+
+    if top < 1:
+        _fail("--top: expected a positive number")
+    try:
+        rep = load(report)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(str(e))
+    pairs = rep.pairs()
+    if pairs.empty:
+        _fail(f"{report}: no finished kernel trial (kernel_dpo or hmk_dpo) to choose from; "
+              f"{len(rep.trials)} trials in the report")
+    chosen = pairs.head(top)
+    metric = rep.objective["metric"]
+    rows = [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
+             "metric": metric,
+             "std": None if math.isnan(r.std) else r.std, "best": r.best,
+             "trials": int(r.trials),
+             "predicted_rank": None if math.isnan(r.predicted_rank) else int(r.predicted_rank)}
+            for r in chosen.itertuples()]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    total = len(rep.trials)
+    typer.echo(f"{rep.meta.get('name', report)}: {len(pairs)} kernel-divergence pairs tried "
+               f"in {total} trials; objective {metric} ({rep.objective['mode']})")
+    for i, r in enumerate(rows, 1):
+        spread = "" if r["std"] is None else f" ± {r['std']:.4f}"
+        rank = "-" if r["predicted_rank"] is None else r["predicted_rank"]
+        typer.echo(f"{i}. kernel {r['kernel']}, divergence {r['divergence']}: "
+                   f"{metric} {r['objective']:.4f}{spread} (best {r['best']:.4f}, "
+                   f"{r['trials']} trial{'s' * (r['trials'] != 1)}, predicted rank {rank})")
+
+
+@app.command("report")
+def report_command(
+    report: Annotated[Path, typer.Argument(help="a report folder: reports/<name>")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: REPORT/report.html)")]
+    = None,
+) -> None:
+    """Write one self-contained HTML page (figures inline, no network) for a report."""
+    from raypo.reports import load
+    from raypo.reports.html import write_html
+
+    if not report.is_dir():
+        _fail(f"{report}: not a folder (give a report folder such as reports/<name>)")
+    try:
+        loaded = load(report)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    except (OSError, ValueError) as e:  # unreadable Parquet or search.json
+        _fail(f"{report}: cannot read the report: {e}")
+    typer.echo(str(write_html(loaded, out or report / "report.html")))
+
+
+@app.command("metrics")
+def metrics_command(
+    model: Annotated[str | None, typer.Option(help="model: hub name or local folder "
+                                              "(default: the tiny built-in model)")] = None,
+    data: Annotated[str | None, typer.Option(help="preference data: file, folder or hub "
+                                             "name (default: the built-in task)")] = None,
+    config: Annotated[Path | None, typer.Option(help="a training config or search space "
+                                                "YAML (its model, data and task keys)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override: key=value")] = [],  # noqa: B006
+    max_pairs: Annotated[int, typer.Option(min=2, help="pairs the metrics are computed on "
+                                           "(a seeded subset)")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="the table as one JSON list on the "
+                                          "last line")] = False,
+) -> None:
+    """Selection metrics of the data and the reference model, and the predicted ranking of
+    the 28 kernel-divergence pairs; no training."""
+    from raypo.data.errors import DataError
+    from raypo.search.evidence import describe, metrics_config, selection_table
+    from raypo.train.config import ConfigError, parse_overrides
+
+    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    try:
+        cfg = metrics_config(config, model=model, data=data,
+                             overrides=dict(parse_overrides(set_)))
+        table = selection_table(cfg, max_pairs=max_pairs, log=log)
+    except (DataError, ConfigError, ValueError) as e:  # ValueError: a model that cannot load
+        _fail(str(e))
+    typer.echo(describe(table))
+    if as_json:
+        typer.echo(table.to_json(orient="records"))

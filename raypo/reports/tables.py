@@ -17,12 +17,71 @@ class Report:
     selection: pd.DataFrame
     meta: dict
 
-    def best(self, metric: str = "objective", mode: str = "max") -> pd.Series:
-        """The best finished trial by `metric`."""
-        ok = self.trials[self.trials["status"] == "ok"]
+    @property
+    def objective(self) -> dict:
+        """The first objective of the search: {"metric": ..., "mode": "max" | "min"}."""
+        objectives = self.meta.get("objectives") or [{"metric": "objective", "mode": "max"}]
+        return objectives[0]
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """The trials that finished (status ok) with an objective."""
+        t = self.trials
+        if t.empty or "status" not in t:
+            return t
+        return t[(t["status"] == "ok") & t["objective"].notna()]
+
+    def best(self, metric: str = "objective", mode: str | None = None) -> pd.Series:
+        """The best finished trial by `metric` (in the search's direction by default)."""
+        ok = self.ok
         if ok.empty:
             raise ValueError(f"{self.path}: no finished trial")
+        mode = mode or self.objective["mode"]
         return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+
+    def pairs(self, metric: str = "objective") -> pd.DataFrame:
+        """One row per (kernel, divergence) the kernel trials used: the objective's mean,
+        spread (std) and best over the finished trials, the trial count, and the selection
+        rule's predicted rank; best first. A kernel trial with no divergence penalty counts
+        as divergence "none"; hmk_dpo's learned mixture as kernel "hmk"."""
+        t = self.ok
+        if t.empty or "kernel" not in t:
+            return pd.DataFrame(columns=["kernel", "divergence", metric, "std", "best",
+                                         "trials", "predicted_rank"])
+        t = t[t["kernel"].notna()].assign(
+            divergence=lambda d: d.get("divergence", pd.Series(index=d.index, dtype=object))
+            .fillna("none"))
+        ascending = self.objective["mode"] == "min"
+        grouped = t.groupby(["kernel", "divergence"])[metric]
+        table = pd.DataFrame({metric: grouped.mean(), "std": grouped.std(ddof=1),
+                              "best": grouped.min() if ascending else grouped.max(),
+                              "trials": grouped.size()}).reset_index()
+        ranks = self._ranks()
+        table["predicted_rank"] = [ranks.get((k, d)) for k, d in
+                                   zip(table["kernel"], table["divergence"], strict=True)]
+        table["predicted_rank"] = table["predicted_rank"].astype(float)
+        return table.sort_values([metric, "trials"], ascending=[ascending, False],
+                                 ignore_index=True)
+
+    def selected(self, top: int = 1) -> pd.DataFrame:
+        """The chosen kernel-divergence pair(s): the best `top` rows of `pairs()`."""
+        return self.pairs().head(top)
+
+    def pivot(self, metric: str = "objective", aggfunc: str = "mean") -> pd.DataFrame:
+        """Kernel x divergence table of `metric` over the finished kernel trials."""
+        t = self.ok
+        if t.empty or "kernel" not in t:
+            return pd.DataFrame()
+        t = t[t["kernel"].notna()].assign(divergence=lambda d: d["divergence"].fillna("none"))
+        return t.pivot_table(index="kernel", columns="divergence", values=metric,
+                             aggfunc=aggfunc)
+
+    def _ranks(self) -> dict:
+        s = self.selection
+        if s.empty or "predicted_rank" not in s:
+            return {}
+        return {(k, d): r for k, d, r in zip(s["kernel"], s["divergence"], s["predicted_rank"],
+                                             strict=True)}
 
 
 def load(path: str | Path) -> Report:

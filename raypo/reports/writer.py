@@ -11,7 +11,21 @@ from pathlib import Path
 import pandas as pd
 
 
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A column whose values mix text and numbers (a choice of [null, 0.1, "auto"]) is
+    stored as text: Parquet columns have one type."""
+    mixed = [c for c in frame.columns if frame[c].dtype == object
+             and len({type(v) for v in frame[c].dropna()} - {bool}) > 1]
+    if not mixed:
+        return frame
+    frame = frame.copy()
+    for c in mixed:
+        frame[c] = frame[c].map(lambda v: None if v is None or v is pd.NA else str(v))
+    return frame
+
+
 def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+    frame = _parquet_safe(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

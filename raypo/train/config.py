@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raypo.data.builtin import VARIANTS
 from raypo.losses import LOSSES, SCHEDULES
+from raypo.models.encoder import check_available, encoder_name
+
+# A search space's own sections (raypo.search.space); a training run reads past them, so a
+# search space with every value fixed is a training config.
+SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
+                   "selection")
 
 
 class ConfigError(ValueError):
@@ -105,11 +111,15 @@ class TrainConfig(_Strict):
     max_prompt_length: int = Field(256, ge=1)
     truncate_responses: bool = False
     topk: int = Field(64, ge=1)  # reference logits cached in top-k form for token losses
-    embedding_source: str = "policy"  # policy | reference, for the kernel losses
+    # policy | reference | encoder:<sentence-transformers model>, for the kernel losses
+    embedding_source: str = "policy"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    # how Ray Train workers share the policy (num_workers > 1): ddp replicates it, fsdp shards
+    # parameters, gradients and optimizer state across workers
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     lora: dict[str, Any] | None = None
     reports: str = "reports"
@@ -132,14 +142,29 @@ class TrainConfig(_Strict):
     @field_validator("embedding_source")
     @classmethod
     def _embedding_source(cls, v: str) -> str:
-        if v not in ("policy", "reference"):
-            raise ValueError("must be 'policy' or 'reference'")
+        name = encoder_name(v)
+        if name is None and v not in ("policy", "reference"):
+            raise ValueError("must be 'policy', 'reference' or 'encoder:<sentence-transformers "
+                             "model>'")
+        if name is not None:
+            if not name.strip():
+                raise ValueError("encoder: needs a sentence-transformers model name or folder, "
+                                 "e.g. encoder:sentence-transformers/all-MiniLM-L6-v2")
+            # fail at validation, not after the base model and the reference are computed
+            try:
+                check_available()
+            except ImportError as e:
+                raise ValueError(str(e).removeprefix("embedding_source: ")) from None
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.parallel == "fsdp" and self.lora is not None:
+            # the LoRA reference is the policy with adapters off, which would run outside the
+            # FSDP wrapper on sharded weights
+            raise ValueError("parallel: fsdp does not support lora yet; use parallel: ddp")
         return self
 
     @property
@@ -197,6 +222,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of keys at the top level")
         tree.update(loaded or {})
+    for key in SEARCH_SECTIONS:
+        tree.pop(key, None)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     tree.setdefault("name", Path(path).stem if path is not None else "train")

@@ -1,4 +1,5 @@
-"""Many workers: the same training loop (raypo.train.loop.train) on Ray Train workers, DDP.
+"""Many workers: the same training loop (raypo.train.loop.train) on Ray Train workers, DDP or
+FSDP (`parallel: fsdp`, see raypo.train.parallel for what changes then).
 
 The driver prepares every cache once (tokenized pairs, the built-in base model, reference
 outputs), then a `TorchTrainer` starts `cfg.num_workers` workers that build the same Setup from
@@ -27,6 +28,7 @@ from raypo.data.cache import cache_root
 from raypo.train import checkpoint
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
+from raypo.train.parallel import fsdp_kwargs, wrap_fsdp
 from raypo.train.setup import prepare
 
 
@@ -65,8 +67,8 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
     for row in history if on_eval else ():
         on_eval(row["step"], row)
     resumed = f", resumed from step {out['resumed_from']}" if out["resumed_from"] else ""
-    log(f"{trial_name}: {cfg.num_workers} workers, {metrics.get('steps')} steps{resumed}; "
-        f"Train run in {result.path}")
+    log(f"{trial_name}: {cfg.num_workers} workers ({out['wrapper']}), {metrics.get('steps')} "
+        f"steps{resumed}; Train run in {result.path}")
     return metrics
 
 
@@ -82,8 +84,7 @@ def _worker(config: dict) -> dict:
     device = ray.train.torch.get_device()  # this worker's GPU, not whichever "cuda" means
     setup = prepare(cfg.model_copy(update={"device": str(device)}),
                     log=print if rank == 0 else lambda message: None)
-    # DDP (device_ids on GPU) when world > 1; sets the CUDA device that NCCL collectives use
-    wrapped = ray.train.torch.prepare_model(setup.policy, move_to_device=device)
+    wrapped = _wrap(setup.policy, cfg, device)
     average_loss_gradients(setup.loss_fn)
     local = Path(tempfile.mkdtemp(prefix=f"raypo-rank{rank}-"))  # ranks may share a node
     try:
@@ -96,9 +97,25 @@ def _worker(config: dict) -> dict:
         final = agree(final)
         final["tokens_per_s"] = final["tokens"] / max(final["train_seconds"], 1e-9)
         ray.train.report(final, checkpoint=reporter.checkpoint(force=True))
-        return {"metrics": final, "history": history, "resumed_from": resumed_from}
+        return {"metrics": final, "history": history, "resumed_from": resumed_from,
+                "wrapper": type(wrapped).__name__}
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _wrap(policy: nn.Module, cfg: TrainConfig, device) -> nn.Module:
+    """The policy as the training forward runs it: DDP or FSDP (`cfg.parallel`) when world > 1.
+    prepare_model also sets the CUDA device that NCCL collectives use."""
+    if cfg.parallel == "ddp":
+        return ray.train.torch.prepare_model(policy, move_to_device=device)
+    if device.type != "cpu":
+        return ray.train.torch.prepare_model(
+            policy, move_to_device=device, parallel_strategy="fsdp",
+            parallel_strategy_kwargs=fsdp_kwargs(policy, device))
+    # Ray's prepare_model refuses FSDP without CUDA, torch's FSDP runs on CPUs with gloo: wrap
+    # it here, so the FSDP path also runs (and is tested) on CPU workers
+    policy = ray.train.torch.prepare_model(policy, move_to_device=device, parallel_strategy=None)
+    return wrap_fsdp(policy, device) if dist.get_world_size() > 1 else policy
 
 
 def _resume(local: Path, rank: int) -> tuple[int | None, list[dict]]:

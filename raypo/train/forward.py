@@ -49,8 +49,9 @@ def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False
                 position_ids=batch.position_ids, logits_to_keep=T + 1,
                 output_hidden_states=need_hidden, use_cache=False)
     step_logits = out.logits[:, :-1].float()
-    token_logps = torch.log_softmax(step_logits, -1).gather(-1, batch.labels.unsqueeze(-1))
-    token_logps = token_logps.squeeze(-1) * batch.response_mask
+    # logit(label) - logsumexp: no second (2B, T, V) tensor as log_softmax would make
+    token_logps = (step_logits.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+                   - torch.logsumexp(step_logits, -1)) * batch.response_mask
     result = ForwardOutput(logps=token_logps.sum(-1), token_logps=token_logps,
                            logits=step_logits if logits else None)
     if need_hidden:

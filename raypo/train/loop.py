@@ -13,6 +13,14 @@ from raypo.losses import schedule
 from raypo.selection.htsr import layer_alphas, summarize
 from raypo.train import checkpoint
 from raypo.train.evaluate import held_out_metrics, sample_and_score
+from raypo.train.parallel import (
+    clip_grad_norm,
+    full_params,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
 from raypo.train.setup import Setup
 from raypo.train.step import preference_batch
 
@@ -46,11 +54,14 @@ def _batches(setup: Setup, epoch: int, skip: int):
         epoch, skip = epoch + 1, 0
 
 
-def evaluate(setup: Setup, step: int) -> dict[str, float]:
-    metrics = held_out_metrics(setup, setup.policy)
-    if setup.task is not None:
-        metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
-                                        seed=setup.cfg.seed + 1))
+def evaluate(setup: Setup, step: int, forward_model=None) -> dict[str, float]:
+    # under FSDP the unwrapped policy holds whole weights only inside full_params
+    # (generation cannot run through the FSDP wrapper); every rank evaluates alike
+    with full_params(forward_model):
+        metrics = held_out_metrics(setup, setup.policy)
+        if setup.task is not None:
+            metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
+                                            seed=setup.cfg.seed + 1))
         if "ref_true_reward" not in setup.cache:
             ref = sample_and_score(setup, setup.reference_model.model, setup.cfg.eval_samples,
                                    seed=setup.cfg.seed + 1)
@@ -72,7 +83,8 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
     """
     cfg, policy, loss_fn = setup.cfg, setup.policy, setup.loss_fn
     forward_model = forward_model or policy
-    params = [p for m in (policy, loss_fn) for p in m.parameters() if p.requires_grad]
+    # the wrapper's parameters: under FSDP these are this rank's shards
+    params = [p for m in (forward_model, loss_fn) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -84,9 +96,9 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
              "history": []}
     saved = checkpoint.load(checkpoint_dir)
     if saved:
-        policy.load_state_dict(saved["policy"])
+        load_model_state(forward_model, policy, saved["policy"])
         loss_fn.load_state_dict(saved["loss"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(forward_model, optimizer, saved["optimizer"])
         lr_sched.load_state_dict(saved["lr_sched"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
@@ -107,7 +119,7 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
                 raise TrainingDiverged(f"step {step}: loss is {out.loss.item()}")
             (out.loss / cfg.grad_accum).backward()
             state["tokens"] += batch.n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = clip_grad_norm(forward_model, params, cfg.max_grad_norm)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -120,22 +132,24 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
             row = {"step": step + 1, "loss": out.loss.item(), "beta": float(loss_fn.beta),
                    "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
                    **{k: float(v) for k, v in out.metrics.items() if v.numel() == 1},
-                   **evaluate(setup, step + 1)}
+                   **evaluate(setup, step + 1, forward_model)}
             state["history"].append(row)
             if on_eval:
                 on_eval(step + 1, row)
         if checkpoint_dir and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
                                or step + 1 == cfg.steps):
             checkpoint.save(checkpoint_dir, {
-                "policy": policy.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(),
+                "policy": model_state(forward_model, policy), "loss": loss_fn.state_dict(),
+                "optimizer": optimizer_state(forward_model, optimizer),
+                "lr_sched": lr_sched.state_dict(),
                 "rng": torch.get_rng_state(), "state": state})
-    return final_metrics(setup, state)
+    return final_metrics(setup, state, forward_model)
 
 
-def final_metrics(setup: Setup, state: dict) -> dict:
+def final_metrics(setup: Setup, state: dict, forward_model=None) -> dict:
     last = dict(state["history"][-1]) if state["history"] else {}
-    htsr = summarize(layer_alphas(setup.policy))
+    with full_params(forward_model):
+        htsr = summarize(layer_alphas(setup.policy))
     last.update({f"htsr_{k}": v for k, v in htsr.items() if k != "layers"})
     last.update(tokens=state["tokens"], train_seconds=state["train_seconds"],
                 tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),

@@ -10,14 +10,15 @@ different lengths): memory is proportional to the real tokens, not to the padded
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from raypo.data.cache import atomic_torch_save, cache_root, hash_json
 from raypo.losses.batch import TopKLogits
-from raypo.train.forward import sequence_forward
 
 SIDES = ("chosen", "rejected")
 
@@ -79,49 +80,143 @@ def reference_key(model_fingerprint: str, data_fingerprint: str, want: dict) -> 
                       "version": 1})[:24]
 
 
-@torch.no_grad()
-def compute_reference(model, pairs, batches, collate_fn, *, token_logps: bool, topk: int | None,
-                      hidden: bool, embeddings: bool, device) -> ReferenceOutputs:
-    """Run `model` (eval mode, no grad) over every pair once; keep what is asked."""
+@dataclass
+class _Sequences:
+    """The 2N sequences prompt+chosen (rows 0..N-1) and prompt+rejected (rows N..2N-1) as one
+    flat token array with offsets, so a batch of any rows is laid out by indexing, not by a
+    Python loop over rows."""
+
+    tokens: np.ndarray  # (sum of lengths,) int64
+    starts: np.ndarray  # (2N,) where each sequence begins in `tokens`
+    prompt: np.ndarray  # (2N,) prompt lengths
+    response: np.ndarray  # (2N,) response lengths
+
+    @classmethod
+    def of(cls, pairs) -> _Sequences:
+        seqs = [p + r for side in (pairs.chosen_ids, pairs.rejected_ids)
+                for p, r in zip(pairs.prompt_ids, side, strict=True)]
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        prompt = np.tile(np.fromiter(map(len, pairs.prompt_ids), dtype=np.int64), 2)
+        return cls(tokens=np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64,
+                                      count=int(lengths.sum())),
+                   starts=np.cumsum(lengths) - lengths, prompt=prompt, response=lengths - prompt)
+
+    def batches(self, tokens_per_batch: int) -> list[np.ndarray]:
+        """Row indices, longest first, each batch at most `tokens_per_batch` padded tokens (at
+        least one row): sorting all 2N rows by length leaves almost no padding."""
+        lengths = self.prompt + self.response
+        order = np.argsort(-lengths, kind="stable")
+        out, start = [], 0
+        while start < len(order):
+            rows = max(1, tokens_per_batch // int(lengths[order[start]]))
+            out.append(order[start:start + rows])
+            start += rows
+        return out
+
+    def layout(self, rows: np.ndarray, pad_id: int) -> np.ndarray:
+        """(R, W) ids, each row its sequence from column 0, right-padded."""
+        lengths = self.prompt[rows] + self.response[rows]
+        cols = np.arange(int(lengths.max()))
+        flat = self.starts[rows][:, None] + cols[None, :]
+        return np.where(cols[None, :] < lengths[:, None],
+                        self.tokens[np.minimum(flat, len(self.tokens) - 1)], pad_id)
+
+
+def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int | None,
+                      hidden: bool, embeddings: bool, device,
+                      tokens_per_batch: int = 8192) -> ReferenceOutputs:
+    """Run `model` (eval mode, no grad) over every pair once; keep what is asked.
+
+    Not the training layout (raypo.data.collate): nothing here needs chosen and rejected side
+    by side, so the 2N sequences are sorted by length and batched alone, right-padded. Right
+    padding comes after every real token, so a causal model's outputs at real positions cannot
+    see it and no attention mask is passed, which lets SDPA take its causal fast path; the
+    aligned training layout pads every row to the longest prompt plus the longest response,
+    about twice the real tokens on data of varied lengths.
+    """
     model.eval()
     N = len(pairs)
-    lengths = {"chosen": torch.tensor([len(x) for x in pairs.chosen_ids]),
-               "rejected": torch.tensor([len(x) for x in pairs.rejected_ids])}
-    logps = {s: torch.zeros(N) for s in SIDES}
-    pieces: dict[str, dict[str, list]] = {k: {s: [None] * N for s in SIDES}
-                                          for k in ("tok", "val", "idx", "hid")}
-    emb = {k: [None] * N for k in ("prompt", "chosen", "rejected")}
-    for indices in batches:
-        batch = collate_fn(pairs, indices).to(device)
-        out = sequence_forward(model, batch, logits=topk is not None, hidden=hidden,
-                               embeddings=embeddings)
-        B = len(indices)
-        if topk is not None:
-            top = TopKLogits.from_logits(out.logits, topk)
-        for row in range(2 * B):
-            side, i = SIDES[row // B], indices[row % B]
-            n = int(lengths[side][i])
-            logps[side][i] = out.logps[row].float().cpu()
+    seq = _Sequences.of(pairs)
+    offsets = torch.from_numpy(np.cumsum(seq.response) - seq.response)  # flat, rows in order
+    total = int(seq.response.sum())
+    logps = torch.zeros(2 * N)
+    flat: dict[str, Tensor] = {}
+    if token_logps:
+        flat["tok"] = torch.zeros(total)
+    emb_response = emb_prompt = None
+    with torch.inference_mode():
+        for rows in seq.batches(tokens_per_batch):
+            ids = torch.from_numpy(seq.layout(rows, pad_id)).to(device)
+            p = torch.from_numpy(seq.prompt[rows]).to(device)
+            n = torch.from_numpy(seq.response[rows]).to(device)
+            first = int(p.min())  # the first response column of the batch
+            W = ids.shape[1]
+            # logits only from column first-1 on, the first that predicts a response token
+            out = model(input_ids=ids, logits_to_keep=W - first + 1,
+                        output_hidden_states=hidden or embeddings, use_cache=False)
+            step_logits = out.logits[:, :-1]  # column c predicts ids[:, first + c]
+            targets = ids[:, first:]
+            # log p(target) = logit(target) - logsumexp(logits): no (R, W, V) log-softmax copy
+            all_logps = (step_logits.gather(-1, targets[..., None])[..., 0].float()
+                         - torch.logsumexp(step_logits.float(), -1))
+            T = int(n.max())
+            t = torch.arange(T, device=device)
+            valid = t[None, :] < n[:, None]
+            col = ((p - first)[:, None] + t[None, :]).clamp_max(step_logits.shape[1] - 1)
+            tok = all_logps.gather(1, col) * valid
+            rows_t = torch.from_numpy(rows)
+            logps[rows_t] = tok.sum(-1).cpu()
+            dest = (offsets[rows_t].to(device)[:, None] + t[None, :])[valid].cpu()
             if token_logps:
-                pieces["tok"][side][i] = out.token_logps[row, :n].float().cpu()
+                flat["tok"][dest] = tok[valid].cpu()
             if topk is not None:
-                pieces["val"][side][i] = top.values[row, :n].float().cpu()
-                pieces["idx"][side][i] = top.indices[row, :n].to(torch.int32).cpu()
-            if hidden:
-                pieces["hid"][side][i] = out.hidden[row, :n].float().cpu()
-            if embeddings:
-                emb[side][i] = out.response_embeddings[row].cpu()
-                if row < B:
-                    emb["prompt"][i] = out.prompt_embeddings[row].cpu()
-    ref = ReferenceOutputs(logps=logps, lengths=lengths)
+                top = TopKLogits.from_logits(step_logits.float(), topk)
+                k = top.values.shape[-1]
+                for name, values in (("val", top.values), ("idx", top.indices.to(torch.int32))):
+                    picked = values.gather(1, col[..., None].expand(-1, -1, k))[valid].cpu()
+                    if name not in flat:
+                        flat[name] = torch.zeros(total, k, dtype=picked.dtype)
+                    flat[name][dest] = picked
+            if hidden or embeddings:
+                last = out.hidden_states[-1]  # (R, W, H)
+                H = last.shape[-1]
+                if hidden:  # the states that predict the response tokens
+                    at = (p - 1)[:, None] + t[None, :]
+                    picked = last.gather(1, at.clamp_max(W - 1)[..., None].expand(-1, -1, H))
+                    if "hid" not in flat:
+                        flat["hid"] = torch.zeros(total, H)
+                    flat["hid"][dest] = picked[valid].float().cpu()
+                if embeddings:
+                    if emb_response is None:
+                        emb_response, emb_prompt = torch.zeros(2 * N, H), torch.zeros(N, H)
+                    cols = torch.arange(W, device=device)[None, :]
+                    is_prompt = (cols < p[:, None]).float()
+                    is_response = ((cols >= p[:, None]) & (cols < (p + n)[:, None])).float()
+                    emb_response[rows_t] = _pool(last, is_response).cpu()
+                    # a prompt's states are the same in its chosen and its rejected row (causal)
+                    chosen = rows_t < N
+                    emb_prompt[rows_t[chosen]] = _pool(last[chosen.to(device)],
+                                                       is_prompt[chosen.to(device)]).cpu()
+    lengths = {s: torch.from_numpy(seq.response[k * N:(k + 1) * N].copy())
+               for k, s in enumerate(SIDES)}
+    split = int(seq.response[:N].sum())
+    # clones, outside inference mode: an inference tensor cannot be saved for a backward
+    # pass (the loss may multiply by a reference value)
+    ref = ReferenceOutputs(logps={s: logps[k * N:(k + 1) * N].clone() for k, s in enumerate(SIDES)},
+                           lengths=lengths)
     for key, target in (("tok", ref.token_logps), ("val", ref.topk_values),
                         ("idx", ref.topk_indices), ("hid", ref.hidden)):
-        for side in SIDES:
-            if pieces[key][side][0] is not None:
-                target[side] = torch.cat(pieces[key][side])
+        if key in flat:
+            target.update(chosen=flat[key][:split].clone(), rejected=flat[key][split:].clone())
     if embeddings:
-        ref.embeddings = {k: torch.stack(v) for k, v in emb.items()}
+        ref.embeddings = {"prompt": emb_prompt.clone(), "chosen": emb_response[:N].clone(),
+                          "rejected": emb_response[N:].clone()}
     return ref
+
+
+def _pool(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `states` (R, W, H) over the columns where `mask` (R, W) is 1, in float32."""
+    return (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
 
 
 def load_or_compute(key: str, compute) -> tuple[ReferenceOutputs, bool]:

@@ -9,6 +9,7 @@ import traceback
 import torch
 
 from raypo.data.errors import DataError
+from raypo.losses import LOSSES
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
 from raypo.train.setup import prepare
@@ -19,7 +20,13 @@ def hyperparameters(cfg: TrainConfig) -> dict:
     row = {"loss": cfg.loss.name, "beta_schedule": cfg.beta_schedule.name, "lr": cfg.lr,
            "batch_size": cfg.batch_size, "steps": cfg.steps, "seed": cfg.seed,
            "model": cfg.model or "tiny", "data": cfg.data or f"builtin:{cfg.task.variant}"}
-    row.update({k: v for k, v in cfg.loss.params.items() if isinstance(v, int | float | str)})
+    # the loss's defaults too, so that every trial of a search has the same columns; a None
+    # set on purpose (divergence: null, no penalty) is kept, a None default is not
+    defaults = {k: v for k, v in LOSSES.parameters(cfg.loss.name).items()
+                if isinstance(v, int | float | str)}
+    row.update(defaults)
+    row.update({k: v for k, v in cfg.loss.params.items()
+                if v is None or isinstance(v, int | float | str)})
     row.update({f"schedule_{k}": v for k, v in cfg.beta_schedule.params.items()})
     return row
 

@@ -14,10 +14,11 @@ import datasets
 import torch
 
 from raypo.data.builtin import TaskSpec, preference_pairs
-from raypo.data.collate import LengthGroupedBatches, collate
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
 from raypo.losses import PreferenceLoss, build
+from raypo.losses.batch import EMBEDDING_FIELDS
+from raypo.models.encoder import encoder_embeddings, encoder_name
 from raypo.models.load import (
     Reference,
     load_policy,
@@ -34,6 +35,11 @@ from raypo.train.reference import (
     load_or_compute,
     reference_key,
 )
+
+# Padded tokens per batch of the reference precompute (no activations are kept for a backward
+# pass, so batches can be larger than training's). On a CPU with the tiny model 1k-8k tokens run
+# alike and 16k is ~2x slower (attention scores leave the cache); an accelerator wants more.
+REFERENCE_BATCH_TOKENS = {"cpu": 4096, "accelerator": 16384}
 
 
 @dataclass
@@ -77,15 +83,19 @@ def _tokenize(cfg, rows_or_ds, tokenizer, fingerprint, source) -> TokenizedPairs
                           data_fingerprint=fingerprint)
 
 
-def build_loss(cfg: TrainConfig, policy) -> PreferenceLoss:
+def build_loss(cfg: TrainConfig, policy, embedding_dim: int | None = None) -> PreferenceLoss:
+    """The configured loss, completed with what only the model (or the encoder) knows.
+    `embedding_dim`: the size of the embeddings the kernel sees (default: the policy's hidden
+    size, which the policy and reference embedding sources have)."""
     params = dict(cfg.loss.params)
+    embedding_dim = embedding_dim or policy.config.hidden_size
     if params.get("divergence") == "wasserstein" and "token_embeddings" not in params:
         # the ground cost between tokens: the model's own output embeddings
         params["token_embeddings"] = policy.get_output_embeddings().weight.detach()
     if cfg.loss.name in ("sparsepo",) or params.get("prior") == "sparsepo":
         params.setdefault("hidden_size", policy.config.hidden_size)
-    if cfg.loss.name == "hmk_dpo":
-        params.setdefault("dim", policy.config.hidden_size)
+    if cfg.loss.name == "hmk_dpo" or params.get("kernel") == "mahalanobis":
+        params.setdefault("dim", embedding_dim)
     return build(cfg.loss.name, **params)
 
 
@@ -116,7 +126,10 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         ds = load_preferences(cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
         train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.seed)
-    loss_fn = build_loss(cfg, policy).to(device)
+    start = time.perf_counter()
+    encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
+    encoder_seconds = time.perf_counter() - start  # a precompute too: counted with the reference's
+    loss_fn = build_loss(cfg, policy, encoded and encoded[0]["chosen"].shape[1]).to(device)
     want = needs(loss_fn.requires)
     want["embeddings"] = want["embeddings"] and cfg.embedding_source == "reference"
     # epsilon-DPO perturbs full-vocabulary reference logits: those are computed live by the
@@ -127,7 +140,9 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     ref_train, ref_eval = (
         _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
         for pairs in (train_pairs, eval_pairs))
-    reference_seconds = time.perf_counter() - start
+    reference_seconds = time.perf_counter() - start + encoder_seconds
+    if encoded:  # the loss reads them where it reads the reference's (ReferenceOutputs.fields)
+        ref_train.embeddings, ref_eval.embeddings = encoded
     # LoRA: the policy with adapters off; otherwise a frozen copy, made only when needed
     needs_live = live_reference or cfg.builtin  # the built-in task's KL estimate needs it too
     reference_model = reference_of(policy) if needs_live else None
@@ -139,9 +154,20 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
                  model_fingerprint=model_fp, reference_seconds=reference_seconds)
 
 
+def _encoder_embeddings(cfg, splits, tokenizer, device, log) -> tuple[dict, ...] | None:
+    """Per split, the frozen encoder embeddings (`embedding_source: encoder:NAME`) when the
+    loss reads embeddings; None otherwise."""
+    name = encoder_name(cfg.embedding_source)
+    if name is None or not (build(cfg.loss.name, **cfg.loss.params).requires & EMBEDDING_FIELDS):
+        return None
+    return tuple(encoder_embeddings(name, pairs, tokenizer, device=device, log=log)
+                 for pairs in splits)
+
+
 def _fit_kernel(loss_fn, ref: ReferenceOutputs) -> None:
     """Data-dependent kernels (Mahalanobis covariance, spectral eigenvectors) are fitted once
-    on the reference embeddings of the training responses."""
+    on the embeddings the loss sees (the reference's, or the encoder's) of the training
+    responses."""
     if hasattr(loss_fn, "fit") and ref.embeddings:
         embeddings = torch.cat([ref.embeddings["chosen"], ref.embeddings["rejected"]])
         loss_fn.fit(embeddings.to(next(loss_fn.parameters(), embeddings).device))
@@ -149,20 +175,21 @@ def _fit_kernel(loss_fn, ref: ReferenceOutputs) -> None:
 
 def _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log) -> ReferenceOutputs:
     topk = cfg.topk if want["ref_logits"] else None
-    # kernels fitted to data need reference embeddings even when the loss uses the policy's
-    embeddings = want["embeddings"] or (cfg.loss.name in ("kernel_dpo", "hmk_dpo"))
+    # kernels fitted to data need reference embeddings even when the loss uses the policy's;
+    # an encoder brings its own
+    embeddings = want["embeddings"] or (cfg.loss.name in ("kernel_dpo", "hmk_dpo")
+                                        and encoder_name(cfg.embedding_source) is None)
     flags = {"token_logps": want["token_logps"], "topk": topk, "hidden": want["ref_hidden"],
              "embeddings": embeddings}
     key = reference_key(model_fp, pairs.fingerprint, flags)
 
     def compute():
         log(f"reference outputs: computing for {len(pairs)} pairs (cached afterwards)")
-        # no activations are kept for a backward pass: larger batches, better matmul use
-        batches = LengthGroupedBatches(pairs.lengths(), 4 * cfg.batch_size, shuffle=False)
-        return compute_reference(policy, pairs, batches,
-                                 lambda p, idx: collate(p, idx, tokenizer.pad_token_id),
+        return compute_reference(policy, pairs, pad_id=tokenizer.pad_token_id,
                                  token_logps=want["token_logps"], topk=topk,
-                                 hidden=want["ref_hidden"], embeddings=embeddings, device=device)
+                                 hidden=want["ref_hidden"], embeddings=embeddings, device=device,
+                                 tokens_per_batch=REFERENCE_BATCH_TOKENS[
+                                     "cpu" if device.type == "cpu" else "accelerator"])
 
     ref, cached = load_or_compute(key, compute)
     if cached:

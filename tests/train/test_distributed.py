@@ -92,3 +92,36 @@ def test_loss_parameter_gradients_are_averaged_across_workers(tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         for grad, want in zip(got, alone.parameters(), strict=True):
             torch.testing.assert_close(grad, want.grad)
+
+
+def test_fsdp_with_lora_is_refused():
+    with pytest.raises(ValueError, match="parallel: fsdp does not support lora"):
+        load_config(None, ["parallel=fsdp", "lora={r: 4}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_gpu", [
+    False,  # Ray refuses FSDP without CUDA; raypo wraps with torch's FSDP itself (gloo)
+    pytest.param(True, marks=pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="two CUDA devices needed (NCCL, Ray's FSDP)")),
+], ids=["cpu-gloo", "gpu-nccl"])
+def test_fsdp_workers_match_one_worker_also_across_a_resume(ray_session, tmp_path, use_gpu):
+    """FSDP shards the policy: evaluation and sampling gather it (summon_full_params), the
+    gradient norm spans the shards, a checkpoint holds the full policy and every rank's
+    optimizer shard; none of it may change what is learned."""
+    common = [*SMALL, f"use_gpu={str(use_gpu).lower()}"]
+    single = train(prepare(load_config(None, [*common, "steps=4"]), log=quiet))
+
+    def fsdp(steps, messages, history):
+        cfg = load_config(None, [*common, f"steps={steps}", "num_workers=2", "parallel=fsdp"])
+        return train_distributed(cfg, trial_name=f"fsdp-{use_gpu}", storage_path=str(tmp_path),
+                                 log=messages.append, on_eval=lambda s, m: history.append(m))
+
+    first_log, second_log, history = [], [], []
+    fsdp(2, first_log, [])
+    second = fsdp(4, second_log, history)  # resumes from the step-2 checkpoint
+    assert any("resumed from step 2" in m for m in second_log), second_log
+    assert any("(FullyShardedDataParallel)" in m for m in second_log), second_log
+    assert [row["step"] for row in history] == [2, 4]
+    assert_same_run(second, single, (*COMPARED, "true_reward", "steps", "grad_norm"))
+    assert second["kl"] == pytest.approx(single["kl"], abs=1e-5)

@@ -1,0 +1,159 @@
+"""The driver-side Tune callback that writes the report as trials end, and shows progress.
+
+One writer (the driver) owns trials.parquet and steps.parquet, so trials running at once never
+race on a file; each table is rewritten atomically when a trial ends. A trial that ends without
+its final report was stopped by the scheduler (pruned) or died (failed): its row is made from
+its config and its last report. A trial that ends twice (a resumed search re-runs a trial that
+was running when the driver died) replaces its own row: every trial is in the table once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from ray import tune
+
+from raypo.reports import ReportWriter
+from raypo.search.space import SearchSpace
+from raypo.search.trial import FINAL
+from raypo.train.run import hyperparameters
+
+TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s",
+             "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+             "iterations_since_restore", "checkpoint_dir_name", "experiment_tag",
+             "should_checkpoint", FINAL}
+
+
+def trial_number(trial) -> int:
+    """The trial's creation index (Tune's experiment tag starts with it: `3_lr=...`)."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+class ReportRecorder(tune.Callback):
+    """Writes one row per trial (and its evaluations) under `directory` as trials end.
+
+    `ranks` maps (kernel, divergence) to the selection rule's predicted rank. Kept small
+    and picklable: Tune saves it with the experiment, and a resumed search reads the tables
+    back from disk in `setup`, never from the pickle.
+    """
+
+    def __init__(self, directory: str, search: str, space: SearchSpace, ranks: dict,
+                 total: int, echo=True):
+        self.directory = directory
+        self.search = search
+        self.space = space
+        self.ranks = dict(ranks)
+        self.total = total
+        self.echo = echo
+        self._writer = None
+        self._steps: dict[str, list[dict]] = {}
+
+    @property
+    def writer(self) -> ReportWriter:
+        if self._writer is None:
+            self._writer = ReportWriter(Path(self.directory), search=self.search)
+        return self._writer
+
+    def setup(self, **info) -> None:
+        self._writer = None  # re-read the tables: after a resume they are newer than us
+        self._steps = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None, "_steps": {}}
+
+    # -- Tune's hooks (driver process) ------------------------------------------------------
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if FINAL not in result:
+            self._steps.setdefault(trial.trial_id, []).append(
+                {k: v for k, v in result.items() if k not in TUNE_KEYS and k != "objective"})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.record(trial.trial_id, trial.config, trial.last_result or {},
+                    number=trial_number(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.record(trial.trial_id, trial.config, trial.last_result or {},
+                    error=_error_text(trial), number=trial_number(trial))
+
+    # -- rows ---------------------------------------------------------------------------------
+    def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
+               number: int = -1) -> dict:
+        if FINAL in last and error is None:
+            payload = json.loads(last[FINAL])
+            row, steps = payload["row"], payload["steps"]
+        else:
+            row = {"trial_id": trial_id, **hyperparameters(self.space.config(config))}
+            # a metric named like a hyperparameter (the last `loss`) becomes final_loss
+            row.update({f"final_{k}" if k in row else k: v for k, v in last.items()
+                        if k not in TUNE_KEYS})
+            row["status"] = "failed" if error else "pruned"
+            row["error"] = error
+            steps = self._steps.get(trial_id, [])
+        row = self._complete(row, config, number)
+        self.writer.write_trial(row, steps)
+        self._steps.pop(trial_id, None)
+        if self.echo:
+            self._show(row)
+        return row
+
+    def _complete(self, row: dict, config: dict, number: int) -> dict:
+        metric = self.space.objectives[0].metric
+        value = row.get(metric)
+        row["objective"] = (float(value) if row.get("status") != "failed"
+                            and isinstance(value, int | float) and math.isfinite(value)
+                            else None)
+        row["number"] = number
+        row["predicted_rank"] = self.predicted_rank(row)
+        row.setdefault("error", None)
+        for name in config:  # every searched value has its own column (`loss.sigma`: sigma)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != "name" and leaf not in row:
+                row[leaf] = config[name]
+        if row.get("loss") == "hmk_dpo":
+            row["kernel"] = "hmk"
+        return row
+
+    def predicted_rank(self, row: dict) -> float | None:
+        if row.get("loss") != "kernel_dpo":
+            return math.nan
+        return float(self.ranks.get((row.get("kernel", "rbf"), row.get("divergence")),
+                                    math.nan))
+
+    def _show(self, row: dict) -> None:
+        trials = self.writer.trials
+        done = len(trials)
+        objective = self.space.objectives[0]
+        ok = trials[trials["status"] == "ok"].dropna(subset=["objective"])
+        best = ""
+        if len(ok):
+            i = ok["objective"].idxmax() if objective.mode == "max" else ok["objective"].idxmin()
+            best = (f" | best {objective.metric} {ok.loc[i, 'objective']:.4f} "
+                    f"({ok.loc[i, 'trial_id']}: {_describe(ok.loc[i])})")
+        value = "" if row["objective"] is None else f" {objective.metric} {row['objective']:.4f}"
+        error = f" ({row['error'].splitlines()[0][:80]})" if row.get("error") else ""
+        print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{best}",
+              file=sys.stderr, flush=True)
+
+
+def _describe(row) -> str:
+    parts = [str(row.get("loss"))]
+    for key in ("kernel", "divergence", "prior", "beta_schedule"):
+        value = row.get(key)
+        if isinstance(value, str) and value not in ("constant",):
+            parts.append(value)
+    return " ".join(parts)
+
+
+def _error_text(trial) -> str:
+    """The last line of the trial's traceback (Tune keeps it in the trial's error file)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text().strip() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial's process failed"

@@ -1,0 +1,519 @@
+"""A search space: one YAML file, validated at the edge, turned into an Optuna define-by-run space.
+
+The file is a training config (raypo.train.config) in which any value may be a range, plus the
+search's own sections. A value is
+
+- fixed: `lr: 0.001`, `kernel: rbf`, `scales: [0.1, 1.0]`;
+- a range: `{low: 1e-4, high: 1e-2, log: true}` (float; int when both ends are ints or with
+  `type: int`; `step:` for a grid);
+- a choice: `{choice: [rbf, polynomial, null]}`;
+- conditional, with `when:` on any of those, or `{value: X, when: ...}` for a fixed value:
+  `sigma: {low: 0.1, high: 10, log: true, when: {kernel: rbf}}`. A condition names another
+  parameter, a sibling (`kernel`) or a dotted path from the top (`loss.name`), and the values
+  it may take (one or a list); the parameter exists only in trials where every condition
+  holds (and the parameters it names exist).
+
+Search sections: `objective` (or `objectives`, two for a Pareto search), `budget`,
+`scheduler`, `resources`, `sampler`, `selection`; see the models below.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raypo.train.config import (
+    SEARCH_SECTIONS,
+    ConfigError,
+    TrainConfig,
+    format_validation_error,
+)
+
+RANGE_KEYS = {"low", "high", "log", "step", "type", "when"}
+CHOICE_KEYS = {"choice", "when"}
+VALUE_KEYS = {"value", "when"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(_Strict):
+    """The metric a trial is judged by (a key of the trial's final metrics) and its direction.
+    Default: `true_reward` (max) on the built-in task, `pref_accuracy` (max) on a dataset."""
+
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+class Budget(_Strict):
+    trials: int = Field(12, ge=1)
+    concurrency: int = Field(2, ge=1)  # trials running at once
+    time_limit_s: float | None = Field(None, gt=0)  # no new trial starts after this
+
+
+class Scheduler(_Strict):
+    """Early stopping at each evaluation: `asha` (async successive halving), `median`
+    (stop a trial below the median of others at the same step) or `none`."""
+
+    name: Literal["asha", "median", "none"] = "none"
+    grace_period: int = Field(1, ge=1)  # evaluations before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # asha: 1/reduction_factor go on at each rung
+
+
+class Resources(_Strict):
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1)  # > 1: the trial runs Ray Train workers (DDP)
+
+
+class Sampler(_Strict):
+    """Optuna's sampler: TPE for one objective, NSGA-II for two (default by objectives);
+    `random`; `grid` walks every combination of a space of choices (no conditions)."""
+
+    name: Literal["tpe", "nsga2", "random", "grid"] | None = None  # grid: every combination
+    seed: int = 0
+    startup_trials: int = Field(4, ge=0)  # random trials before TPE models the space
+
+
+class Selection(_Strict):
+    """Data-driven selection of the kernel-divergence pair (raypo.selection)."""
+
+    enabled: bool = True  # compute the metrics and the ranking before the trials
+    warm_start: int = Field(3, ge=0)  # the predicted best pairs are tried first
+    max_pairs: int = Field(512, ge=8)  # pairs the metrics are computed on
+
+
+class SearchSettings(_Strict):
+    objective: Objective | None = None
+    objectives: list[Objective] | None = Field(None, min_length=1, max_length=2)
+    budget: Budget = Budget()
+    scheduler: Scheduler = Scheduler()
+    resources: Resources = Resources()
+    sampler: Sampler = Sampler()
+    selection: Selection = Selection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("scheduler"), str):
+            data = {**data, "scheduler": {"name": data["scheduler"]}}
+        if isinstance(data, dict) and isinstance(data.get("objective"), str):
+            data = {**data, "objective": {"metric": data["objective"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_objective_key(self) -> SearchSettings:
+        if self.objective is not None and self.objectives is not None:
+            raise ValueError("give `objective` or `objectives`, not both")
+        return self
+
+
+SEARCH_KEYS = set(SEARCH_SECTIONS)  # what `raypo train` reads past
+
+
+@dataclass
+class Param:
+    """One searched parameter: `path` in the config tree, its distribution and conditions."""
+
+    path: tuple[str, ...]
+    kind: Literal["float", "int", "choice", "value"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list = field(default_factory=list)
+    when: list[tuple[str, list]] = field(default_factory=list)  # (parameter name, allowed)
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def values(self) -> list:
+        """Values that stand for the whole range when the space is checked."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "value":
+            return list(self.choices)
+        return [self.low, self.high]
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.kind == "value":
+            return self.choices[0]
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+
+
+class SpaceError(ConfigError):
+    """A bad search space: the message names the file, the key and what is allowed."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _parse_param(path: tuple[str, ...], node: dict, where: str) -> Param | None:
+    """A Param if `node` is a range, a choice or a conditional value; None if a plain mapping."""
+    keys = set(node)
+    name = ".".join(path)
+    if "choice" in keys:
+        if not keys <= CHOICE_KEYS:
+            raise SpaceError(f"{where}: {name}: a choice takes only `choice` and `when`, "
+                             f"not {', '.join(sorted(keys - CHOICE_KEYS))}")
+        choices = node["choice"]
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}: {name}.choice: expected a non-empty list of values")
+        if any(isinstance(c, dict | list) for c in choices):
+            raise SpaceError(f"{where}: {name}.choice: choices must be plain values "
+                             "(strings, numbers, true/false, null); use `when:` on the "
+                             "parameters that belong to one choice")
+        if len(set(map(repr, choices))) != len(choices):
+            raise SpaceError(f"{where}: {name}.choice: repeated values")
+        return Param(path, "choice", choices=list(choices))
+    if "low" in keys or "high" in keys:
+        if not keys <= RANGE_KEYS or not {"low", "high"} <= keys:
+            extra = ", ".join(sorted(keys - RANGE_KEYS)) or "low and high both"
+            raise SpaceError(f"{where}: {name}: a range takes low, high, log, step, type, "
+                             f"when (problem: {extra})")
+        low, high = node["low"], node["high"]
+        if not (_is_number(low) and _is_number(high)):
+            raise SpaceError(f"{where}: {name}: low and high must be numbers, got "
+                             f"{low!r} and {high!r}")
+        kind = node.get("type") or ("int" if isinstance(low, int) and isinstance(high, int)
+                                    else "float")
+        if kind not in ("int", "float"):
+            raise SpaceError(f"{where}: {name}.type: expected int or float, got {kind!r}")
+        if not low < high:
+            raise SpaceError(f"{where}: {name}: low ({low}) must be smaller than high ({high})")
+        log = node.get("log", False)
+        if not isinstance(log, bool):
+            raise SpaceError(f"{where}: {name}.log: expected true or false")
+        if log and low <= 0:
+            raise SpaceError(f"{where}: {name}: a log range needs low > 0, got {low}")
+        step = node.get("step")
+        if step is not None and (not _is_number(step) or step <= 0):
+            raise SpaceError(f"{where}: {name}.step: expected a positive number")
+        if step is not None and log:
+            raise SpaceError(f"{where}: {name}: step and log cannot be combined (Optuna)")
+        return Param(path, kind, low=low, high=high, log=log, step=step)
+    if "value" in keys and "when" in keys:
+        if not keys <= VALUE_KEYS:
+            raise SpaceError(f"{where}: {name}: a conditional value takes only `value` and "
+                             f"`when`, not {', '.join(sorted(keys - VALUE_KEYS))}")
+        return Param(path, "value", choices=[node["value"]])
+    if "when" in keys:
+        raise SpaceError(f"{where}: {name}: `when` needs a value, a range or a choice beside "
+                         "it (e.g. {choice: [...], when: {...}})")
+    return None
+
+
+def _walk(tree: dict, path: tuple[str, ...], where: str, params: list[Param],
+          conditions: dict[str, Any]) -> dict:
+    """The tree with every searched value removed (the fixed part); Params appended."""
+    fixed: dict = {}
+    for key, node in tree.items():
+        if not isinstance(key, str):
+            raise SpaceError(f"{where}: key {key!r} under {'.'.join(path) or 'the top'}: "
+                             "keys must be strings")
+        sub = (*path, key)
+        if isinstance(node, dict):
+            param = _parse_param(sub, node, where)
+            if param is None:
+                fixed[key] = _walk(node, sub, where, params, conditions)
+            else:
+                params.append(param)
+                if "when" in node:
+                    conditions[param.name] = node["when"]
+        else:
+            fixed[key] = node
+    return fixed
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if isinstance(node, str):  # `loss: dpo` shorthand gains parameters
+            node = {"variant": node} if key == "task" else {"name": node}
+        tree[key] = node = dict(node or {})
+        tree = node
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if isinstance(tree, str) and key == "name":
+            return tree  # `loss: dpo`
+        if not isinstance(tree, dict) or key not in tree:
+            raise KeyError(path)
+        tree = tree[key]
+    return tree
+
+
+@dataclass
+class SearchSpace:
+    """A parsed space: the fixed config tree, the searched parameters (in an order where
+    every condition's parameter comes first) and the search settings."""
+
+    source: str
+    raw: dict
+    fixed: dict
+    params: list[Param]
+    settings: SearchSettings
+
+    @property
+    def name(self) -> str:
+        return self.fixed.get("name", "search")
+
+    @property
+    def builtin(self) -> bool:
+        return self.fixed.get("data") is None
+
+    @property
+    def objectives(self) -> list[Objective]:
+        s = self.settings
+        if s.objectives:
+            return s.objectives
+        if s.objective:
+            return [s.objective]
+        return [Objective(metric="true_reward" if self.builtin else "pref_accuracy")]
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def _active(self, p: Param, values: dict) -> bool:
+        for other, allowed in p.when:
+            if other in values:
+                if values[other] not in allowed:
+                    return False
+            elif self.param(other) is not None:
+                return False  # the parameter it depends on does not exist in this trial
+            elif _get(self.fixed, tuple(other.split("."))) not in allowed:
+                return False
+        return True
+
+    def define(self, trial) -> dict:
+        """The define-by-run space: suggests each active parameter on an Optuna trial;
+        returns {dotted name: value} (Ray's OptunaSearch passes it on as the trial config)."""
+        values: dict = {}
+        for p in self.params:
+            if self._active(p, values):
+                values[p.name] = p.suggest(trial)
+        return values
+
+    def config(self, values: dict, **overrides) -> TrainConfig:
+        """The training config of one trial from its {dotted name: value}."""
+        tree = copy.deepcopy(self.fixed)
+        for name, value in values.items():
+            _set(tree, tuple(name.split(".")), value)
+        for key, value in overrides.items():
+            if value is not None:
+                _set(tree, tuple(key.split(".")), value)
+        return TrainConfig.model_validate(tree)
+
+    def fixed_config(self, **overrides) -> TrainConfig:
+        """The training config when nothing is searched (`raypo train` on a space)."""
+        if self.params:
+            names = ", ".join(p.name for p in self.params)
+            raise SpaceError(f"{self.source}: {names}: a range or choice; `raypo train` needs "
+                             "every value fixed (use `raypo search` for a space)")
+        try:
+            return self.config({}, **overrides)
+        except ValidationError as e:
+            raise SpaceError(format_validation_error(self.source, e)) from None
+
+    def representative_values(self) -> list[dict]:
+        """Assignments that together give every choice value and both ends of every range
+        (each with the conditions it needs made true): checking these checks the space."""
+        out = []
+        for p in self.params:
+            for v in p.values:
+                out.append(self._complete({p.name: v}))
+        return out or [{}]
+
+    def _complete(self, forced: dict) -> dict:
+        """An assignment with `forced` values, the conditions they need, and first values
+        (low ends) elsewhere."""
+        forced = dict(forced)
+        changed = True
+        while changed:  # make the conditions of forced parameters true, transitively
+            changed = False
+            for name in list(forced):
+                p = self.param(name)
+                for other, allowed in p.when:
+                    if self.param(other) is not None and other not in forced:
+                        forced[other] = allowed[0]
+                        changed = True
+        values = {}
+        for p in self.params:
+            if self._active(p, values):
+                values[p.name] = forced.get(p.name, p.values[0])
+        return values
+
+    def check(self) -> None:
+        """Every representative configuration must be a valid training config."""
+        seen = set()
+        for values in self.representative_values():
+            key = repr(sorted(values.items(), key=lambda kv: kv[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                self.config(values)
+            except ValidationError as e:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                message = format_validation_error(self.source, e)
+                if shown:
+                    message += f"\n  (in the trial with {shown})"
+                raise SpaceError(message) from None
+            except ValueError as e:  # a loss's own check of its parameters
+                raise SpaceError(f"{self.source}: {e}") from None
+
+    def grid(self) -> dict[str, list]:
+        """{name: values} for Optuna's GridSampler: only choices and int ranges, no
+        conditions (a grid has one shape)."""
+        out = {}
+        for p in self.params:
+            if p.when:
+                raise SpaceError(f"{self.source}: {p.name}: the grid sampler takes no "
+                                 "conditional parameters")
+            if p.kind == "float":
+                raise SpaceError(f"{self.source}: {p.name}: the grid sampler needs a choice "
+                                 "list here, not a float range")
+            out[p.name] = p.values if p.kind in ("choice", "value") else list(
+                range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+        return out
+
+    def grid_size(self) -> float:
+        """How many distinct trials the space holds (inf with a continuous range)."""
+        if any(p.kind == "float" and p.step is None for p in self.params):
+            return float("inf")
+        return float(len({repr(v) for v in self._all_assignments()}))
+
+    def _all_assignments(self):
+        options = []
+        for p in self.params:
+            if p.kind == "choice" or p.kind == "value":
+                options.append(p.values)
+            else:
+                step = p.step or 1
+                n = int(round((p.high - p.low) / step)) + 1
+                options.append([p.low + i * step for i in range(n)])
+        for combo in itertools.product(*options):
+            values = {}
+            for p, v in zip(self.params, combo, strict=True):
+                if self._active(p, values):
+                    values[p.name] = v
+            yield sorted(values.items())
+
+
+def _exists(tree: dict, dotted: str) -> bool:
+    try:
+        _get(tree, tuple(dotted.split(".")))
+    except KeyError:
+        return False
+    return True
+
+
+def _resolve_conditions(params: list[Param], conditions: dict, fixed: dict, where: str
+                        ) -> None:
+    names = {p.name for p in params}
+    for p in params:
+        when = conditions.get(p.name)
+        if when is None:
+            continue
+        if not isinstance(when, dict) or not when:
+            raise SpaceError(f"{where}: {p.name}.when: expected a mapping of parameter -> "
+                             "value(s), e.g. {kernel: rbf}")
+        for ref, allowed in when.items():
+            # a sibling first (`kernel` beside `sigma`), then a dotted path from the top
+            candidates = [".".join((*p.path[:-1], str(ref))), str(ref)]
+            target = next((c for c in candidates if c in names or _exists(fixed, c)), None)
+            if target is None:
+                known = ", ".join(sorted(names)) or "(none)"
+                raise SpaceError(f"{where}: {p.name}.when: condition on unknown parameter "
+                                 f"{ref!r}; searched parameters are: {known}")
+            allowed = allowed if isinstance(allowed, list) else [allowed]
+            other = next((q for q in params if q.name == target), None)
+            if other is not None and other.kind in ("choice", "value"):
+                bad = [a for a in allowed if a not in other.choices]
+                if bad:
+                    raise SpaceError(f"{where}: {p.name}.when: {target} never takes "
+                                     f"{bad!r}; its values are {other.choices!r}")
+            p.when.append((target, allowed))
+
+
+def _order(params: list[Param], where: str) -> list[Param]:
+    """Parameters ordered so that each comes after those its conditions name."""
+    by_name = {p.name: p for p in params}
+    ordered, state = [], {}
+
+    def visit(p: Param, trail: tuple[str, ...]):
+        if state.get(p.name) == "done":
+            return
+        if state.get(p.name) == "visiting":
+            raise SpaceError(f"{where}: conditions form a cycle: {' -> '.join(trail)}")
+        state[p.name] = "visiting"
+        for other, _ in p.when:
+            if other in by_name:
+                visit(by_name[other], (*trail, other))
+        state[p.name] = "done"
+        ordered.append(p)
+
+    for p in params:
+        visit(p, (p.name,))
+    return ordered
+
+
+def parse_space(tree: dict, source: str = "<space>") -> SearchSpace:
+    """Parse and check a space given as a mapping (what the YAML file holds)."""
+    if not isinstance(tree, dict):
+        raise SpaceError(f"{source}: expected a mapping of keys at the top level")
+    settings_tree = {k: v for k, v in tree.items() if k in SEARCH_KEYS}
+    try:
+        settings = SearchSettings.model_validate(settings_tree)
+    except ValidationError as e:
+        raise SpaceError(format_validation_error(source, e)) from None
+    config_tree = {k: v for k, v in tree.items() if k not in SEARCH_KEYS}
+    params: list[Param] = []
+    conditions: dict = {}
+    fixed = _walk(config_tree, (), source, params, conditions)
+    _resolve_conditions(params, conditions, fixed, source)
+    space = SearchSpace(source=source, raw=tree, fixed=fixed, params=_order(params, source),
+                        settings=settings)
+    space.check()
+    if settings.sampler.name == "grid":
+        space.grid()  # its own errors
+    return space
+
+
+def load_space(path: str | Path, overrides: dict | None = None) -> SearchSpace:
+    """Read and check a search space file; SpaceError names the file and the key.
+
+    `overrides` ({dotted key: value}, e.g. from --model/--data) replace values before the
+    check."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(f"{source}: no such file")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{source}: not valid YAML: {e}") from e
+    tree = dict(tree or {}) if isinstance(tree, dict | type(None)) else tree
+    if isinstance(tree, dict):
+        tree.setdefault("name", p.stem)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                _set(tree, tuple(key.split(".")), value)
+    return parse_space(tree, source)

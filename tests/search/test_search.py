@@ -1,0 +1,241 @@
+"""End-to-end searches on the built-in task: Ray Tune + Optuna, reports, select, failures,
+resume after the driver is killed, and a search on a separate multi-process Ray cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import raypo.reports as reports
+from raypo.cli import app
+
+TINY = {"task": {"variant": "graded", "train_pairs": 64, "eval_pairs": 16, "base_steps": 20},
+        "steps": 12, "batch_size": 8, "eval_every": 4, "eval_samples": 8, "warmup_steps": 2,
+        "seed": 0}
+
+
+def write_space(tmp_path: Path, name: str, **tree) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **TINY, **tree}, sort_keys=False))
+    return path
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+KERNEL_SPACE = {
+    "budget": {"trials": 4, "concurrency": 2},
+    "selection": {"warm_start": 2, "max_pairs": 64},
+    "loss": {"name": "kernel_dpo",
+             "kernel": {"choice": ["rbf", "polynomial"]},
+             "divergence": {"choice": ["kl", "js"]},
+             "beta": {"low": 0.05, "high": 0.5, "log": True}},
+}
+
+
+@pytest.mark.slow
+def test_a_search_writes_one_row_per_trial_and_starts_from_the_predicted_best_pairs(
+        ray_session, tmp_path):
+    space = write_space(tmp_path, "kd", **KERNEL_SPACE)
+    result = cli("search", space, "--reports", tmp_path / "reports")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "reports" / "kd"
+    trials = pd.read_parquet(folder / "trials.parquet")  # plain pandas reads it
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"ok"}
+    assert trials["objective"].between(0, 1).all()  # true reward is a share
+    assert trials["objective"].equals(trials["true_reward"])
+    assert trials["beta"].dtype == float and trials["kernel"].isin(["rbf", "polynomial"]).all()
+    assert sorted(trials["number"]) == [1, 2, 3, 4]
+
+    selection = pd.read_parquet(folder / "selection.parquet")
+    assert len(selection) == 28
+    rank = {(k, d): r for k, d, r in zip(selection["kernel"], selection["divergence"],
+                                         selection["predicted_rank"], strict=True)}
+    possible = sorted((rank[(k, d)], k, d) for k in ("rbf", "polynomial") for d in ("kl", "js"))
+    first_two = trials.sort_values("number").head(2)
+    assert [(k, d) for k, d in zip(first_two["kernel"], first_two["divergence"], strict=True)
+            ] == [(k, d) for _, k, d in possible[:2]]  # warm start: predicted best first
+    for row in trials.itertuples():
+        assert row.predicted_rank == rank[(row.kernel, row.divergence)]
+
+    steps = pd.read_parquet(folder / "steps.parquet")
+    for _, group in steps.groupby("trial_id"):
+        assert sorted(group["step"]) == [4, 8, 12]
+    meta = json.loads((folder / "search.json").read_text())
+    assert meta["status"] == "finished" and meta["objectives"][0]["metric"] == "true_reward"
+    assert meta["params"] == ["loss.kernel", "loss.divergence", "loss.beta"]
+
+    rep = reports.load(folder)
+    means = trials.groupby(["kernel", "divergence"])["objective"].mean()
+    chosen = json.loads(cli("select", folder, "--json", "--top", "2").output.splitlines()[-1])
+    assert (chosen[0]["kernel"], chosen[0]["divergence"]) == means.idxmax()
+    assert chosen[0]["objective"] == pytest.approx(means.max())
+    assert chosen[0]["trials"] == int((trials["kernel"] == chosen[0]["kernel"]).mul(
+        trials["divergence"] == chosen[0]["divergence"]).sum())
+    assert rep.pivot().loc[chosen[0]["kernel"], chosen[0]["divergence"]] == pytest.approx(
+        means.max())
+    assert rep.best()["objective"] == trials["objective"].max()
+
+    again = cli("search", space, "--reports", tmp_path / "reports")
+    assert again.exit_code != 0 and "--resume" in again.output  # nothing is overwritten
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_session, tmp_path):
+    space = write_space(tmp_path, "nan", budget={"trials": 2, "concurrency": 2},
+                        sampler={"name": "grid"}, loss="dpo",
+                        lr={"choice": [1.0e-3, 1.0e30]})  # 1e30 makes the loss NaN
+    result = cli("search", space, "--reports", tmp_path / "reports")
+    assert result.exit_code == 0, result.output
+    trials = reports.load(tmp_path / "reports" / "nan").trials.set_index("lr")
+    assert trials.loc[1.0e30, "status"] == "failed"
+    assert "nan" in trials.loc[1.0e30, "error"].lower()
+    assert pd.isna(trials.loc[1.0e30, "objective"])
+    assert trials.loc[1.0e-3, "status"] == "ok" and trials.loc[1.0e-3, "objective"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache) -> dict:
+    return {**os.environ, "RAYPO_CACHE": str(cache), "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_with_every_trial_exactly_once(raypo_cache, tmp_path):
+    space = write_space(tmp_path, "resume", budget={"trials": 6, "concurrency": 1},
+                        selection={"enabled": False}, steps=24, eval_every=8,
+                        loss={"name": "dpo", "beta": {"low": 0.05, "high": 0.5, "log": True}})
+    folder = tmp_path / "reports" / "resume"
+    command = [sys.executable, "-m", "raypo", "search", str(space), "--reports",
+               str(tmp_path / "reports")]
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, env=_env(raypo_cache), stdout=log, stderr=log,
+                                  start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            if (folder / "trials.parquet").exists() and len(
+                    pd.read_parquet(folder / "trials.parquet")) >= 2:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)  # the driver only: no clean-up of any kind
+        driver.wait()
+    finally:
+        time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # Ray's own processes, if any remain
+    before = pd.read_parquet(folder / "trials.parquet")
+    assert 2 <= len(before) < 6
+
+    resumed = subprocess.run([*command, "--resume"], env=_env(raypo_cache), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = pd.read_parquet(folder / "trials.parquet")
+    assert len(after) == 6 and after["trial_id"].is_unique
+    assert set(after["status"]) <= {"ok", "pruned"}
+    # the trials finished before the kill are kept as they were
+    kept = after.set_index("trial_id").loc[before["trial_id"], "objective"]
+    assert kept.to_numpy() == pytest.approx(before["objective"].to_numpy())
+    steps = pd.read_parquet(folder / "steps.parquet")
+    assert not steps.duplicated(["trial_id", "step"]).any()
+
+
+@pytest.mark.slow
+def test_a_search_runs_on_a_separate_multi_process_ray_cluster(raypo_cache, tmp_path):
+    port, dashboard = _free_port(), _free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", '--resources={"TRAIN_DRIVER": 2}', f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"], env=_env(raypo_cache), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+        executable=str(Path(sys.executable).with_name("ray")))
+    try:
+        space = write_space(tmp_path, "cluster", budget={"trials": 2, "concurrency": 2},
+                            selection={"enabled": False}, loss="dpo",
+                            lr={"choice": [1.0e-3, 2.0e-3]}, sampler={"name": "grid"})
+        result = None
+        for _ in range(60):  # the head takes a few seconds to accept drivers
+            result = subprocess.run(
+                [sys.executable, "-m", "raypo", "search", str(space), "--reports",
+                 str(tmp_path / "reports"), "--address", f"127.0.0.1:{port}"],
+                env=_env(raypo_cache), capture_output=True, text=True, timeout=300)
+            if result.returncode == 0 or "Could not" not in result.stderr + result.stdout:
+                break
+            time.sleep(1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        folder = tmp_path / "reports" / "cluster"
+        trials = pd.read_parquet(folder / "trials.parquet")
+        assert sorted(trials["lr"]) == [1.0e-3, 2.0e-3] and set(trials["status"]) == {"ok"}
+        meta = json.loads((folder / "search.json").read_text())
+        assert meta["address"] == f"127.0.0.1:{port}"
+        assert meta["cluster_resources"]["TRAIN_DRIVER"] == 2  # the cluster's, not a new one
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+BAD_INPUTS = [
+    ({"lrr": 0.1}, "lrr: unknown key"),
+    ({"lr": {"low": 1.0, "high": 0.1}}, "lr: low (1.0) must be smaller"),
+    ({"loss": {"name": {"choice": ["dpo", "dpoo"]}}}, "unknown loss 'dpoo'"),
+    ({"loss": {"name": "kernel_dpo", "kernel": {"choice": ["rbf", "laplace"]}}}, "laplace"),
+    ({"loss": {"name": "kernel_dpo", "divergence": {"choice": ["kl", "tv"]}}}, "tv"),
+    ({"loss": {"name": "mi_dpo", "prior": {"choice": ["tdpo1", "uniform"]}}}, "uniform"),
+    ({"loss": {"name": {"choice": ["dpo", "epsilon_dpo"]},
+               "eps": {"low": 0.01, "high": 0.1, "when": {"method": "epsilon_dpo"}}}},
+     "condition on unknown parameter 'method'"),
+    ({"budget": {"trials": -1}}, "budget.trials"),
+]
+
+
+@pytest.mark.parametrize(("tree", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_search_inputs_exit_non_zero_naming_the_key(tmp_path, tree, message):
+    space = write_space(tmp_path, "bad", **tree)
+    result = cli("search", space, "--reports", tmp_path / "reports")
+    assert result.exit_code == 2
+    assert message in result.output and "bad.yaml" in result.output
+    assert not (tmp_path / "reports").exists()  # nothing half-written
+
+
+def test_search_cli_errors_for_missing_files_resume_and_samples(tmp_path):
+    result = cli("search", tmp_path / "none.yaml")
+    assert result.exit_code == 2 and "none.yaml: no such file" in result.output
+    space = write_space(tmp_path, "ok", loss="dpo")
+    result = cli("search", space, "--resume", "--reports", tmp_path / "reports")
+    assert result.exit_code == 2 and "no interrupted search to resume" in result.output
+    result = cli("search", space, "--samples", "0")
+    assert result.exit_code == 2 and "--samples" in result.output
+    result = cli("search", space, "--data", tmp_path / "missing.jsonl", "--reports",
+                 tmp_path / "reports")
+    assert result.exit_code == 2 and "missing.jsonl" in result.output
+
+
+def test_select_needs_a_report_with_kernel_trials(tmp_path):
+    result = cli("select", tmp_path)
+    assert result.exit_code == 2 and "no trials.parquet" in result.output
+    writer = reports.ReportWriter(tmp_path / "r", search="r")
+    writer.write_trial({"trial_id": "a", "status": "ok", "objective": 0.5, "loss": "dpo",
+                        "kernel": None})
+    result = cli("select", tmp_path / "r")
+    assert result.exit_code == 2 and "no finished kernel trial" in result.output
