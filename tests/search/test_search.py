@@ -122,8 +122,8 @@ def _env(cache) -> dict:
 
 @pytest.mark.slow
 def test_a_killed_search_resumes_with_every_trial_exactly_once(raypo_cache, tmp_path):
-    space = write_space(tmp_path, "resume", budget={"trials": 6, "concurrency": 1},
-                        selection={"enabled": False}, steps=24, eval_every=8,
+    space = write_space(tmp_path, "resume", budget={"trials": 4, "concurrency": 1},
+                        selection={"enabled": False},
                         loss={"name": "dpo", "beta": {"low": 0.05, "high": 0.5, "log": True}})
     folder = tmp_path / "reports" / "resume"
     command = [sys.executable, "-m", "raypo", "search", str(space), "--reports",
@@ -135,7 +135,7 @@ def test_a_killed_search_resumes_with_every_trial_exactly_once(raypo_cache, tmp_
         deadline = time.time() + 240
         while time.time() < deadline and driver.poll() is None:
             if (folder / "trials.parquet").exists() and len(
-                    pd.read_parquet(folder / "trials.parquet")) >= 2:
+                    pd.read_parquet(folder / "trials.parquet")) >= 1:
                 break
             time.sleep(0.5)
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -146,13 +146,13 @@ def test_a_killed_search_resumes_with_every_trial_exactly_once(raypo_cache, tmp_
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # Ray's own processes, if any remain
     before = pd.read_parquet(folder / "trials.parquet")
-    assert 2 <= len(before) < 6
+    assert 1 <= len(before) < 4
 
     resumed = subprocess.run([*command, "--resume"], env=_env(raypo_cache), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = pd.read_parquet(folder / "trials.parquet")
-    assert len(after) == 6 and after["trial_id"].is_unique
+    assert len(after) == 4 and after["trial_id"].is_unique
     assert set(after["status"]) <= {"ok", "pruned"}
     # the trials finished before the kill are kept as they were
     kept = after.set_index("trial_id").loc[before["trial_id"], "objective"]

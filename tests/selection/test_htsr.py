@@ -1,18 +1,20 @@
 """HT-SR alpha against matrices whose spectrum is known: a planted Pareto tail is recovered,
-a Gaussian (Marchenko-Pastur) matrix reads as not heavy-tailed, and the summary is the
-arithmetic done by hand."""
+a Gaussian (Marchenko-Pastur) matrix reads as not heavy-tailed, the vectorised default fit is
+the `powerlaw` package's fit, and the summary is the arithmetic done by hand."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
+import powerlaw
 import pytest
 import torch
 from torch import nn
 
 from raypo.models.tiny import tiny_model, tiny_tokenizer
-from raypo.selection.htsr import esd, fit_power_law, layer_alphas, summarize
+from raypo.selection.htsr import ALPHA_RANGE, esd, fit_power_law, layer_alphas, summarize
 
 
 def orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -83,6 +85,83 @@ def test_too_few_eigenvalues_give_nan_not_an_error():
     for eigs in (np.array([]), np.array([1.0]), np.array([1.0, 2.0]), np.ones(50)):
         fit = fit_power_law(eigs)
         assert math.isnan(fit["alpha"]) and math.isnan(fit["xmin"]) and fit["num_tail"] == 0
+
+
+def powerlaw_fit(eigs: np.ndarray) -> dict[str, float] | None:
+    """The reference: the untruncated fit the `powerlaw` package computes (None: no valid fit)."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        fit = powerlaw.Fit(eigs, xmin_distance="D", parameter_ranges=ALPHA_RANGE, verbose=False)
+        if not np.isfinite(fit.xmin) or fit.noise_flag:
+            return None
+        return {"alpha": fit.power_law.alpha, "xmin": fit.xmin, "num_tail": fit.n_tail,
+                "ks_distance": fit.power_law.D}
+
+
+def assert_matches_powerlaw(eigs: np.ndarray) -> dict[str, float]:
+    fit, reference = fit_power_law(eigs), powerlaw_fit(eigs)
+    assert reference is not None
+    assert fit["xmin"] == reference["xmin"]  # the same candidate, so exactly the same value
+    assert fit["num_tail"] == reference["num_tail"]
+    assert fit["alpha"] == pytest.approx(reference["alpha"], rel=1e-9)
+    assert fit["ks_distance"] == pytest.approx(reference["ks_distance"], rel=1e-9)
+    return fit
+
+
+@pytest.fixture(scope="module")
+def tiny_model_spectra() -> dict[str, np.ndarray]:
+    model = tiny_model(tiny_tokenizer(), seed=0)
+    return {name: esd(p) for name, p in model.named_parameters() if p.ndim == 2}
+
+
+def test_vectorised_fit_is_powerlaws_fit_on_the_tiny_models_matrices(tiny_model_spectra):
+    assert len(tiny_model_spectra) > 10
+    for eigs in tiny_model_spectra.values():
+        assert_matches_powerlaw(eigs)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 4.0])  # powerlaw: closed form, then Nelder-Mead
+def test_vectorised_fit_is_powerlaws_fit_on_a_pareto_sample(alpha):
+    sample = 1.0 + np.random.default_rng(0).pareto(alpha - 1.0, size=1000)  # density ~ x^-alpha
+    fit = assert_matches_powerlaw(sample)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.2)
+    assert fit["num_tail"] > 300
+
+
+def test_vectorised_fit_is_powerlaws_fit_on_a_marchenko_pastur_spectrum():
+    fit = assert_matches_powerlaw(esd(gaussian_matrix(400, 200, seed=3)))
+    assert fit["alpha"] > 4.0
+
+
+def test_vectorised_fit_is_powerlaws_fit_on_a_spectrum_with_ties():
+    # values rounded to 0.1 (and a repeated lognormal): many equal eigenvalues, the
+    # empirical CDF steps by more than 1/n, and a tie may sit at the chosen xmin
+    rng = np.random.default_rng(1)
+    rounded = np.round(1.0 + rng.pareto(2.0, size=400), 1)
+    assert len(np.unique(rounded)) < len(rounded) / 2
+    assert_matches_powerlaw(rounded)
+    assert_matches_powerlaw(np.repeat(np.round(rng.lognormal(size=100), 2), 3))
+
+
+def test_vectorised_fit_skips_xmin_whose_alpha_is_at_the_lower_bound_as_powerlaw_does():
+    # geometric spectrum with a huge ratio: alpha of every tail is within 0.01 of 1 (powerlaw
+    # flags those) except the last three, whose D are larger than the flagged ones'
+    eigs = 10.0 ** (20.0 * np.arange(12))
+    fit = assert_matches_powerlaw(eigs)
+    assert fit["alpha"] >= 1.01 and fit["num_tail"] == 5
+    # a still larger ratio leaves no valid xmin: nan, and powerlaw flags the fit as noise too
+    eigs = 10.0 ** (50.0 * np.arange(6))
+    assert math.isnan(fit_power_law(eigs)["alpha"]) and powerlaw_fit(eigs) is None
+
+
+def test_fewer_than_four_distinct_values_give_nan_like_powerlaw():
+    # powerlaw's candidates are the distinct values but the two largest, and it needs two
+    for eigs in (np.array([1.0, 2.0, 3.0]), np.tile([1.0, 2.0, 3.0], 10), np.full(20, 0.5)):
+        fit = fit_power_law(eigs)
+        assert math.isnan(fit["alpha"]) and math.isnan(fit["ks_distance"])
+        assert fit["num_tail"] == 0
+    assert powerlaw_fit(np.tile([1.0, 2.0, 3.0], 10)) is None
+    assert math.isfinite(fit_power_law(np.array([1.0, 2.0, 3.0, 4.0]))["alpha"])
 
 
 def test_layer_alphas_reports_each_large_enough_matrix_by_name():
