@@ -386,6 +386,10 @@ def main() -> None:
         print(f"{label:<38}{run.mean_step * 1e3:>9.2f}{run.mean_step / base.mean_step:>7.2f}x"
               f"{median * 1e3:>11.2f}{median / statistics.median(base.step_times):>7.2f}x")
 
+    # a ratio inside one run: steadier than tokens/s when other processes share the CPUs
+    print(f"\nraypo reference precompute (cold, {args.pairs} pairs, both splits): "
+          f"{raypo.reference_seconds:.2f} s = {raypo.reference_seconds / base.mean_step:.1f} dpo "
+          f"steps of batch {args.batch_size}")
     kernel, hmk = (steps[label] for label, _ in LOSS_CONFIGS[1:3])
     targets = [
         ("raypo tokens/s vs TRL default", raypo.tokens_per_s / trl_default.tokens_per_s,

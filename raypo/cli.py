@@ -109,11 +109,16 @@ def search(
     counts = report.trials["status"].value_counts().to_dict()
     typer.echo(f"report: {out}  ({', '.join(f'{v} {k}' for k, v in counts.items())})",
                err=True)
-    if (report.trials["status"] == "ok").any():
-        objective = report.meta["objectives"][0]
-        best = report.best(mode=objective["mode"])
-        typer.echo(f"best: {best['trial_id']} {objective['metric']} {best['objective']:.4f}",
+    objectives = report.meta["objectives"]
+    if len(objectives) == 2 and len(report.ok):
+        metrics = [o["metric"] for o in objectives]
+        front = report.pareto()[["trial_id", *metrics]]
+        typer.echo(f"Pareto front ({' vs '.join(metrics)}):\n{front.to_string(index=False)}",
                    err=True)
+    elif len(report.ok):
+        best = report.best()
+        typer.echo(f"best: {best['trial_id']} {objectives[0]['metric']} "
+                   f"{best['objective']:.4f}", err=True)
     typer.echo(str(out))
 
 

@@ -39,6 +39,18 @@ class Report:
         mode = mode or self.objective["mode"]
         return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
 
+    def pareto(self) -> pd.DataFrame:
+        """The finished trials no other finished trial beats on every objective (a Pareto
+        search's answer; with one objective, the best trial)."""
+        objectives = self.meta.get("objectives") or [self.objective]
+        ok = self.ok.dropna(subset=[o["metric"] for o in objectives])
+        # as maximisation: a trial is dominated by one at least as good on all, better on one
+        values = ok[[o["metric"] for o in objectives]].to_numpy(dtype=float) * [
+            1.0 if o["mode"] == "max" else -1.0 for o in objectives]
+        keep = [not any((other >= row).all() and (other > row).any() for other in values)
+                for row in values]
+        return ok[keep]
+
     def pairs(self, metric: str = "objective") -> pd.DataFrame:
         """One row per (kernel, divergence) the kernel trials used: the objective's mean,
         spread (std) and best over the finished trials, the trial count, and the selection

@@ -5,12 +5,17 @@ The rule is the project's own (DPO-Kernels, arXiv 2501.03271, selects from data 
 does not publish its formulas); it is a prior for where the search looks first, and the search
 records each trial's predicted rank so the rule can be checked against what training finds.
 
-Kernel score, in [-2, 2]:
-    S_k = (2 * accuracy - 1) + tanh(snr)
+Kernel score, in [-3, 2]:
+    S_k = (2 * accuracy - 1) + tanh(snr) - tanh(GAMMA * margin_std / 2)
 The hybrid loss adds gamma * (log K(x, w) - log K(x, l)) to DPO's margin: a kernel whose margin
 already points to the chosen response on most triplets (accuracy) and consistently so (snr, the
 margin's mean over its spread, so scale-free) adds signal from the first step; one below
-chance adds noise against the preference.
+chance adds noise against the preference. The last term is the size of that addition at the
+loss's default gamma (GAMMA = 0.1): DPO's own margin starts at 0, so a kernel margin whose
+spread is several units puts the sigmoid in saturation for most pairs before training starts,
+and whatever the kernel gets wrong then dominates the gradient. (Added after the quickstart's
+first searches: the Mahalanobis kernel, least wrong on ordering but with a margin spread of
+~50, was ranked first and trained worst.)
 
 Divergence score, with the divergence's profile (b, s, g) from `PROFILES` and the data's
 metrics (coverage c, normalised entropy H, drift D, tail heaviness T below):
@@ -65,10 +70,11 @@ PROFILES: dict[str, tuple[float, float, float]] = {
 LAPLACE_TAIL_MASS = 0.046  # P(|x| > 3 * 1.4826 * MAD) for a Laplace sample
 
 # Values a NaN metric takes: each makes its term of the score vanish (or stay at chance).
-NEUTRAL = {"accuracy": 0.5, "snr": 0.0, "coverage": 1.0, "entropy": 1.0, "drift": 0.0,
-           "kurtosis": 6.0, "tail_mass": LAPLACE_TAIL_MASS}
+NEUTRAL = {"accuracy": 0.5, "snr": 0.0, "margin_std": 0.0, "coverage": 1.0, "entropy": 1.0,
+           "drift": 0.0, "kurtosis": 6.0, "tail_mass": LAPLACE_TAIL_MASS}
 
-KERNEL_KEYS = ("accuracy", "snr")
+KERNEL_KEYS = ("accuracy", "snr", "margin_std")
+GAMMA = 0.1  # kernel_dpo's default weight of the kernel margin
 DIVERGENCE_KEYS = ("coverage", "entropy", "kurtosis", "tail_mass", "drift")
 
 
@@ -81,10 +87,11 @@ def _value(metrics: dict[str, float], key: str, owner: str) -> float:
 
 
 def kernel_score(metrics: dict[str, float], name: str = "kernel") -> float:
-    """S_k = (2 accuracy - 1) + tanh(snr) (module docstring)."""
+    """S_k = (2 accuracy - 1) + tanh(snr) - tanh(GAMMA margin_std / 2) (module docstring)."""
     accuracy = _value(metrics, "accuracy", name)
     snr = _value(metrics, "snr", name)
-    return (2.0 * accuracy - 1.0) + math.tanh(snr)
+    spread = _value(metrics, "margin_std", name)
+    return (2.0 * accuracy - 1.0) + math.tanh(snr) - math.tanh(GAMMA * spread / 2.0)
 
 
 def tail_heaviness(kurtosis: float, tail_mass: float) -> float:

@@ -62,6 +62,7 @@ def evaluate(setup: Setup, step: int, forward_model=None) -> dict[str, float]:
         if setup.task is not None:
             metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
                                             seed=setup.cfg.seed + 1))
+    if setup.task is not None:  # the reference is never sharded (see raypo.train.parallel)
         if "ref_true_reward" not in setup.cache:
             ref = sample_and_score(setup, setup.reference_model.model, setup.cfg.eval_samples,
                                    seed=setup.cfg.seed + 1)

@@ -93,7 +93,7 @@ def test_a_more_accurate_kernel_ranks_first():
 def test_ties_follow_the_fixed_kernel_then_divergence_order():
     # every kernel scores the same, and kl, renyi and fdiv share a profile: with light tails
     # those twelve pairs tie for the top, and the fixed order (kernel first) decides
-    same = {k: {"accuracy": 0.6, "snr": 0.2} for k in reversed(KERNEL_NAMES)}
+    same = {k: {"accuracy": 0.6, "snr": 0.2, "margin_std": 1.0} for k in reversed(KERNEL_NAMES)}
     divergences = dict(reversed(list(_divergences(**LIGHT_TAILS).items())))
     table = rank_pairs(same, divergences)
     top = table[table["predicted_rank"] <= 12]
@@ -104,7 +104,7 @@ def test_ties_follow_the_fixed_kernel_then_divergence_order():
 
 def test_nan_metrics_take_neutral_values():
     kernels = _kernels()
-    kernels["rbf"] = {"accuracy": math.nan, "snr": math.nan}
+    kernels["rbf"] = {"accuracy": math.nan, "snr": math.nan, "margin_std": math.nan}
     divergences = _divergences(kurtosis=math.nan, tail_mass=math.nan)
     table = rank_pairs(kernels, divergences)
     assert table["score"].notna().all()
@@ -117,6 +117,19 @@ def test_unknown_names_and_missing_metrics_are_errors():
     with pytest.raises(ValueError, match="'chi2'"):
         rank_pairs(_kernels(), {"chi2": _divergences()["kl"]})
     with pytest.raises(ValueError, match="unknown kernel 'linear'"):
-        rank_pairs({"linear": {"accuracy": 0.5, "snr": 0.0}}, _divergences())
+        rank_pairs({"linear": {"accuracy": 0.5, "snr": 0.0, "margin_std": 0.0}},
+                   _divergences())
     with pytest.raises(ValueError, match="'coverage'"):
         rank_pairs(_kernels(), {"kl": {"entropy": 0.5}})
+
+
+def test_a_kernel_margin_too_wide_for_the_default_gamma_ranks_lower():
+    # same ordering statistics; spreads of 1 and 50 at gamma 0.1: tanh(0.05) vs tanh(2.5)
+    kernels = {k: {"margin_mean": 0.1, "margin_std": 1.0, "accuracy": 0.55, "snr": 0.1}
+               for k in KERNEL_NAMES}
+    kernels["mahalanobis"] = {**kernels["mahalanobis"], "margin_std": 50.0}
+    table = rank_pairs(kernels, _divergences())
+    score = table.groupby("kernel")["kernel_score"].first()
+    assert score["rbf"] == pytest.approx(0.1 + math.tanh(0.1) - math.tanh(0.05))
+    assert score["mahalanobis"] == pytest.approx(0.1 + math.tanh(0.1) - math.tanh(2.5))
+    assert _rank(table, "mahalanobis", "kl") > _rank(table, "spectral", "kl")
