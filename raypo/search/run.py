@@ -2,11 +2,14 @@
 
 Order of events (`run_search`):
 1. the report folder: a new one, or (`resume`) the one an interrupted search left;
-2. Ray: a local instance, or the cluster at `address`;
-3. what every trial shares, computed once here on the driver and read by the trials from the
-   cache: the built-in task's base model, tokenized data, reference outputs (one per distinct
-   set of fields the space's losses need), and the selection metrics with their ranking of
-   the kernel-divergence pairs (selection.parquet);
+2. what every trial shares, computed once and read by the trials from the cache
+   (RAYPO_CACHE): the built-in task's base model, tokenized data, reference outputs (one per
+   distinct set of fields the space's losses need), and the selection metrics with their
+   ranking of the kernel-divergence pairs (selection.parquet). On the driver, before Ray
+   starts, for CPU trials; as a Ray task with a trial's resources for GPU trials (a real model
+   on a CPU head would take hours), which on a multi-node cluster needs RAYPO_CACHE on shared
+   storage for the trials to find it (otherwise each node computes its own on first use);
+3. Ray: a local instance, or the cluster at `address`;
 4. Tune: the space as an Optuna define-by-run space (TPE or NSGA-II, seeded), the predicted
    best pairs enqueued first, the scheduler on a monotonic `step`, failed workers retried;
    the recorder writes each trial's row as it ends;
@@ -70,7 +73,7 @@ def warm_caches(space: SearchSpace, log=_log) -> int:
     for i, cfg in enumerate(configs.values(), 1):
         log(f"shared caches {i}/{len(configs)}: {cfg.loss.name} on "
             f"{cfg.data or 'builtin:' + cfg.task.variant}")
-        prepare(cfg.model_copy(update={"device": "cpu"}) if not cfg.use_gpu else cfg, log=log)
+        prepare(cfg, log=log)
     return len(configs)
 
 
@@ -210,6 +213,27 @@ def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
             **extra}
 
 
+def shared_work(space: SearchSpace, directory: Path, log=_log) -> dict:
+    """Caches, then selection evidence; returns the predicted ranks of the pairs."""
+    warm_caches(space, log=log)
+    if space.settings.selection.enabled and _kernel_pairs_searched(space):
+        return selection_evidence(space, directory, log=log)
+    return {}
+
+
+def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
+    """`shared_work` on a node with a trial's GPUs (a Ray task); its errors re-raised here."""
+    import ray
+
+    r = space.settings.resources
+    task = ray.remote(num_cpus=r.cpus, num_gpus=r.gpus)(shared_work)
+    log(f"shared caches: on a node with {r.gpus:g} GPU(s)")
+    try:
+        return ray.get(task.remote(space, directory, _log))
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+
+
 def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: str | None
                = None, resume: bool = False, log=_log) -> Path:
     """Run (or resume) the search; returns the report folder."""
@@ -225,12 +249,13 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     started = time.time()
     log(f"search {space.name}: {space.settings.budget.trials} trials, "
         f"{len(space.params)} searched parameters, report in {directory}")
-    # before Ray: bad data or model paths fail here, in seconds, with nothing written
-    warm_caches(space, log=log)
-    ranks = {}
-    if space.settings.selection.enabled and _kernel_pairs_searched(space):
-        ranks = selection_evidence(space, directory, log=log)
-    _start_ray(space, address)
+    gpus = space.settings.resources.gpus
+    if gpus:
+        _start_ray(space, address)
+        ranks = _remote_shared_work(space, directory, log)
+    else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
+        ranks = shared_work(space, directory, log)
+        _start_ray(space, address)
     import ray
 
     resources = ray.cluster_resources()
