@@ -1,4 +1,4 @@
-"""The `raypo` command line: train (search, select, report and metrics follow)."""
+"""The `raypo` command line: search, select, report, metrics and train."""
 
 from __future__ import annotations
 

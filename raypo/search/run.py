@@ -276,9 +276,21 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         tuner = _tuner(space, trainable, recorder, directory, ranks)
     results = tuner.fit()
     _reconcile(results, recorder)
-    status = "finished"
+    # Ctrl-C (Tune saves its state and returns) or the time limit: say so, and how to go on
+    done = len(recorder.writer.trials)
+    status = "finished" if done >= planned_trials(space) else "incomplete"
+    if status == "incomplete":
+        log(f"{done} of {planned_trials(space)} trials ended; continue with --resume")
     write_json_atomic(directory / "search.json", _meta(space, status, started, extra))
     return directory
+
+
+def planned_trials(space: SearchSpace) -> int:
+    """budget.trials, or fewer when a grid has fewer distinct trials."""
+    trials = space.settings.budget.trials
+    if space.settings.sampler.name == "grid":
+        trials = min(trials, int(space.grid_size()))
+    return trials
 
 
 def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict):
@@ -293,13 +305,10 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                             sampler=_sampler(space), seed=space.settings.sampler.seed,
                             points_to_evaluate=points or None)
     budget = space.settings.budget
-    trials = budget.trials
-    if space.settings.sampler.name == "grid" and trials > space.grid_size():
-        trials = int(space.grid_size())  # a grid has no more distinct trials
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(space),
-                                    num_samples=trials,
+                                    num_samples=planned_trials(space),
                                     max_concurrent_trials=budget.concurrency,
                                     time_budget_s=budget.time_limit_s, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,

@@ -6,7 +6,14 @@ from __future__ import annotations
 import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
-from raypo.search.run import _sampler, _scheduler, cache_key, warm_caches, warm_start_points
+from raypo.search.run import (
+    _sampler,
+    _scheduler,
+    cache_key,
+    planned_trials,
+    warm_caches,
+    warm_start_points,
+)
 from raypo.search.space import parse_space
 
 TINY = {"name": "t", "task": {"train_pairs": 32, "eval_pairs": 8, "base_steps": 5},
@@ -67,3 +74,10 @@ def test_samplers_and_schedulers_follow_the_space():
     assert [m for m, _ in asha._brackets[0]._rungs] == [40, 20, 10]
     assert asha._time_attr == "step"
     assert isinstance(_scheduler(space_of(scheduler="median")), MedianStoppingRule)
+
+
+def test_a_grid_plans_no_more_trials_than_it_has_points():
+    grid = space_of(sampler={"name": "grid"}, budget={"trials": 10},
+                    lr={"choice": [1e-3, 2e-3]}, seed={"choice": [0, 1]})
+    assert planned_trials(grid) == 4
+    assert planned_trials(space_of(budget={"trials": 10})) == 10
