@@ -34,7 +34,9 @@ def ray_session(raypo_cache):
     os.environ.update(RAY_ENV)  # read by ray.init and the processes it starts
     # address="local": never join a stray cluster or RAY_ADDRESS. The dashboard stays on: its
     # state API frees the placement groups of stopped Train runs.
+    # TRAIN_DRIVER: what a search's multi-worker trial holds while it drives a TorchTrainer
     ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20,
+             resources={"TRAIN_DRIVER": 2},
              runtime_env={"env_vars": {"RAYPO_CACHE": str(raypo_cache)}})
     yield ray
     ray.shutdown()

@@ -475,6 +475,19 @@ def _order(params: list[Param], where: str) -> list[Param]:
     return ordered
 
 
+def _apply_resources(fixed: dict, resources: Resources, where: str) -> None:
+    """A trial's workers and GPUs are the training config's num_workers and use_gpu: one
+    place to set them (resources), checked against the other if both are given."""
+    for key, value, given in (("num_workers", resources.workers, resources.workers > 1),
+                              ("use_gpu", True, resources.gpus > 0)):
+        if not given:
+            continue
+        if key in fixed and fixed[key] != value:
+            raise SpaceError(f"{where}: {key}: {fixed[key]!r} disagrees with resources "
+                             f"({value!r}); set it in one place")
+        fixed[key] = value
+
+
 def parse_space(tree: dict, source: str = "<space>") -> SearchSpace:
     """Parse and check a space given as a mapping (what the YAML file holds)."""
     if not isinstance(tree, dict):
@@ -488,6 +501,7 @@ def parse_space(tree: dict, source: str = "<space>") -> SearchSpace:
     params: list[Param] = []
     conditions: dict = {}
     fixed = _walk(config_tree, (), source, params, conditions)
+    _apply_resources(fixed, settings.resources, source)
     _resolve_conditions(params, conditions, fixed, source)
     space = SearchSpace(source=source, raw=tree, fixed=fixed, params=_order(params, source),
                         settings=settings)

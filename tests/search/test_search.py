@@ -111,6 +111,23 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_sess
     assert trials.loc[1.0e-3, "status"] == "ok" and trials.loc[1.0e-3, "objective"] > 0
 
 
+@pytest.mark.slow
+def test_a_trial_with_two_workers_trains_under_ray_train_inside_the_search(ray_session,
+                                                                         tmp_path):
+    space = write_space(tmp_path, "workers", budget={"trials": 1, "concurrency": 1},
+                        resources={"workers": 2}, selection={"enabled": False}, loss="dpo",
+                        steps=8)
+    result = cli("search", space, "--reports", tmp_path / "reports")
+    assert result.exit_code == 0, result.output
+    rep = reports.load(tmp_path / "reports" / "workers")
+    (row,) = rep.trials.itertuples()
+    assert row.status == "ok" and 0 <= row.objective <= 1
+    train_runs = list((Path(os.environ["RAYPO_CACHE"]) / "ray_train").iterdir())
+    assert any(row.trial_id in run.name for run in train_runs)  # a TorchTrainer ran it
+    # the evaluations of the Train run reach the report too
+    assert sorted(rep.steps["step"]) == [4, 8]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -176,3 +176,11 @@ def test_the_grid_sampler_takes_choices_only():
     assert grid.grid() == {"lr": [1e-3, 1e-2], "seed": [0, 1, 2]}
     with pytest.raises(SpaceError, match="lr: the grid sampler needs a choice"):
         space_of(sampler={"name": "grid"}, lr={"low": 1e-3, "high": 1e-2})
+
+
+def test_resources_set_the_trials_workers_and_gpu():
+    space = space_of(resources={"workers": 2, "gpus": 1})
+    cfg = space.fixed_config()
+    assert cfg.num_workers == 2 and cfg.use_gpu
+    with pytest.raises(SpaceError, match="num_workers: 4 disagrees with resources"):
+        space_of(resources={"workers": 2}, num_workers=4)
