@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raypo.train.config import (
@@ -33,6 +32,8 @@ from raypo.train.config import (
     ConfigError,
     TrainConfig,
     format_validation_error,
+    read_yaml_mapping,
+    set_dotted,
 )
 
 RANGE_KEYS = {"low", "high", "log", "step", "type", "when"}
@@ -240,16 +241,6 @@ def _walk(tree: dict, path: tuple[str, ...], where: str, params: list[Param],
     return fixed
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        node = tree.get(key)
-        if isinstance(node, str):  # `loss: dpo` shorthand gains parameters
-            node = {"variant": node} if key == "task" else {"name": node}
-        tree[key] = node = dict(node or {})
-        tree = node
-    tree[path[-1]] = value
-
-
 def _get(tree: dict, path: tuple[str, ...]):
     for key in path:
         if isinstance(tree, str) and key == "name":
@@ -315,10 +306,10 @@ class SearchSpace:
         """The training config of one trial from its {dotted name: value}."""
         tree = copy.deepcopy(self.fixed)
         for name, value in values.items():
-            _set(tree, tuple(name.split(".")), value)
+            set_dotted(tree, name, value)
         for key, value in overrides.items():
             if value is not None:
-                _set(tree, tuple(key.split(".")), value)
+                set_dotted(tree, key, value)
         return TrainConfig.model_validate(tree)
 
     def fixed_config(self, **overrides) -> TrainConfig:
@@ -516,18 +507,9 @@ def load_space(path: str | Path, overrides: dict | None = None) -> SearchSpace:
 
     `overrides` ({dotted key: value}, e.g. from --model/--data) replace values before the
     check."""
-    source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"{source}: no such file")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{source}: not valid YAML: {e}") from e
-    tree = dict(tree or {}) if isinstance(tree, dict | type(None)) else tree
-    if isinstance(tree, dict):
-        tree.setdefault("name", p.stem)
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                _set(tree, tuple(key.split(".")), value)
-    return parse_space(tree, source)
+    tree = read_yaml_mapping(path, SpaceError)
+    tree.setdefault("name", Path(path).stem)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    return parse_space(tree, str(path))

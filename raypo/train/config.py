@@ -172,7 +172,8 @@ class TrainConfig(_Strict):
         return self.data is None
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """`tree[a][b] = value` for `a.b` (a `loss: dpo` shorthand becomes a mapping)."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -206,26 +207,31 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
+    """The mapping a YAML file holds (empty file: {}); `error` names the file otherwise."""
+    source, p = str(path), Path(path)
+    if not p.is_file():
+        raise error(f"{source}: no such file")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{source}: not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{source}: expected a mapping of keys at the top level")
+    return dict(loaded or {})
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (),
                 raw: dict | None = None) -> TrainConfig:
     """Read, override and validate a training config; ConfigError names file and key."""
     source = str(path) if path is not None else "<config>"
     tree: dict = dict(raw or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such file")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-        tree.update(loaded or {})
+        tree.update(read_yaml_mapping(path))
     for key in SEARCH_SECTIONS:
         tree.pop(key, None)
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     tree.setdefault("name", Path(path).stem if path is not None else "train")
     try:
         return TrainConfig.model_validate(tree)
