@@ -143,7 +143,7 @@ def select(
         _fail(str(e))
     pairs = rep.pairs()
     if pairs.empty:
-        _fail(f"{report}: no finished kernel trial (kernel_dpo or hmk_dpo) to choose from; "
+        _fail(f"{report}: no finished trial of a kernel loss to choose from; "
               f"{len(rep.trials)} trials in the report")
     chosen = pairs.head(top)
     metric = rep.objective["metric"]

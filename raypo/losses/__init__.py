@@ -26,9 +26,13 @@ from raypo.losses import (  # noqa: F401  (each module registers its members)
 )
 from raypo.losses.base import PreferenceLoss
 from raypo.losses.batch import LossOutput, PreferenceBatch, TopKLogits
+from raypo.losses.describe import ModelFacts, Needs, SelectionProfile
 from raypo.losses.divergences import Divergence
 from raypo.losses.kernels import Kernel
 from raypo.losses.registry import DIVERGENCES, KERNELS, LOSSES, PRIORS, SCHEDULES, Registry
+
+# The loss a config gets when it names none, and the baseline a finalist is confirmed against.
+DEFAULT_LOSS = "dpo"
 
 build = LOSSES.create
 divergence = DIVERGENCES.create
@@ -36,8 +40,29 @@ kernel = KERNELS.create
 prior = PRIORS.create
 schedule = SCHEDULES.create
 
+
+def needs(name: str, **params) -> Needs:
+    """What loss `name` built with `params` reads (`Needs`), without building it."""
+    return LOSSES.get_class(name).needs(**params)
+
+
+def identity(name: str, **params) -> dict:
+    """How loss `name` built with `params` appears in a report row (loss, family, parts)."""
+    return LOSSES.get_class(name).identity(**params)
+
+
+def kernel_candidates() -> tuple[str, ...]:
+    """The kernels the selection rule ranks, in registration order (which breaks ties)."""
+    return tuple(name for name, cls in KERNELS.items() if cls.candidate)
+
+
+def divergence_candidates() -> tuple[str, ...]:
+    """The divergences the selection rule ranks (those with a selection profile)."""
+    return tuple(name for name, cls in DIVERGENCES.items() if cls.profile is not None)
+
 __all__ = [
-    "DIVERGENCES", "KERNELS", "LOSSES", "PRIORS", "SCHEDULES", "Divergence", "Kernel",
-    "LossOutput", "PreferenceBatch", "PreferenceLoss", "Registry", "TopKLogits", "build",
-    "divergence", "kernel", "prior", "schedule",
+    "DEFAULT_LOSS", "DIVERGENCES", "KERNELS", "LOSSES", "PRIORS", "SCHEDULES", "Divergence",
+    "Kernel", "LossOutput", "ModelFacts", "Needs", "PreferenceBatch", "PreferenceLoss", "Registry",
+    "SelectionProfile", "TopKLogits", "build", "divergence", "divergence_candidates",
+    "identity", "kernel", "kernel_candidates", "needs", "prior", "schedule",
 ]

@@ -1,16 +1,20 @@
-"""The part every preference loss shares: beta, the checked batch, rewards, reduction, metrics.
+"""The part every preference loss shares: beta, the checked batch, rewards, reduction, metrics,
+and what a loss says about itself (what it reads, how it appears in a report row).
 
-A loss subclass states what it reads (`requires`) and writes `pair_losses`, the loss of each
-pair; the rest lives here once.
+A loss subclass states what it reads (`requires`, or `needs()` when that depends on its
+parameters) and writes `pair_losses`, the loss of each pair; the rest lives here once.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raypo.losses.batch import SEQUENCE_FIELDS, LossOutput, PreferenceBatch
+from raypo.losses.describe import ModelFacts, Needs, bind
 from raypo.losses.registry import check_positive
 
 
@@ -20,18 +24,39 @@ class PreferenceLoss(nn.Module):
     step (stateful losses override it)."""
 
     name: str = "?"
+    # The loss's family in a report row (baseline, kernel, token-level, ...).
+    family: ClassVar[str] = "baseline"
     requires: frozenset[str] = SEQUENCE_FIELDS
     #  Reference-free losses report beta * logp / |y| as their reward instead.
     reference_free: bool = False
     # True for a loss that needs full-vocabulary reference logits (the top-k cache will not
     # do): the trainer then runs the reference at every step instead of caching its logits.
     full_reference_logits: bool = False
+    # The parameters naming the (kernel, divergence) pair the selection rule ranks, for a
+    # loss whose pair it ranks; () for the others.
+    selection_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, beta: float = 0.1):
         super().__init__()
         # float64 so that beta is exact; as a 0-dim tensor it does not up-cast the batch.
         self.register_buffer("beta", torch.tensor(check_positive(self.name, "beta", beta),
                                                   dtype=torch.float64))
+
+    @classmethod
+    def needs(cls, **params) -> Needs:
+        """What a loss built with `params` reads; known without building it."""
+        return Needs(frozenset(cls.requires), cls.full_reference_logits)
+
+    @classmethod
+    def identity(cls, **params) -> dict[str, Any]:
+        """How a loss built with `params` appears in a report row: its name and family, and
+        for composite losses their parts (kernel, divergence, prior)."""
+        return {"loss": cls.name, "family": cls.family}
+
+    def bind(self, facts: ModelFacts) -> PreferenceLoss:
+        """Hand the model's facts to this loss and its parts (before the optimizer is made)."""
+        bind(self, facts)
+        return self
 
     def set_beta(self, value: float) -> None:
         """Set beta for the next steps (the trainer calls this with a schedule's value)."""

@@ -30,6 +30,8 @@ class BetaDPO(PreferenceLoss):
     ones so that a run is deterministic. Defaults beta0 = beta 0.1, a 0.6.
     """
 
+    family = "adaptive-beta"
+
     def __init__(self, beta: float = 0.1, a: float = 0.6, keep: float = 0.8,
                  momentum: float = 0.9):
         super().__init__(beta)

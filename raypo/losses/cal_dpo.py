@@ -21,6 +21,8 @@ class CalDPO(PreferenceLoss):
     averages of h (the variant for data with long, uneven responses).
     """
 
+    family = "calibrated"
+
     def __init__(self, beta: float = 0.1, length_normalize: bool = False):
         super().__init__(beta)
         self.length_normalize = bool(length_normalize)

@@ -45,6 +45,7 @@ class EpsilonDPO(PreferenceLoss):
     beta 0.01 (paper).
     """
 
+    family = "adaptive-beta"
     requires = SEQUENCE_FIELDS | LOGIT_FIELDS | MASK_FIELDS | {"chosen_labels", "rejected_labels"}
     full_reference_logits = True
 

@@ -52,6 +52,8 @@ class FDPO(PreferenceLoss):
     Computed from h = log u; exponentials take h clamped to +-50.
     """
 
+    family = "f-divergence"
+
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5):
         super().__init__(beta)
         if divergence not in _F_PRIME:

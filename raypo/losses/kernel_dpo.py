@@ -3,12 +3,15 @@ hierarchical mixture of kernels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 import raypo.losses.kernels  # noqa: F401  (registers the kernels)
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import EMBEDDING_FIELDS, SEQUENCE_FIELDS, PreferenceBatch
+from raypo.losses.describe import Needs, default_of, own_parameters
 from raypo.losses.penalty import PENALTY_FIELDS, DivergencePenalty
 from raypo.losses.registry import DIVERGENCES, KERNELS, LOSSES, check_positive
 
@@ -58,6 +61,9 @@ class KernelDPO(PreferenceLoss):
     (mahalanobis, spectral eigen) are fitted with `fit(embeddings)` before training.
     """
 
+    family = "kernel"
+    selection_params = ("kernel", "divergence")
+
     def __init__(self, beta: float = 0.1, gamma: float = 0.1, kernel: str = "rbf",
                  divergence: str | None = None, alpha_div: float = 0.01, **params):
         super().__init__(beta)
@@ -66,8 +72,28 @@ class KernelDPO(PreferenceLoss):
         self.kernel = KERNELS.create(kernel, **k_params)
         self.alpha_div = check_positive(type(self).name, "alpha_div", alpha_div)
         self.penalty = DivergencePenalty(divergence, **d_params) if divergence else None
-        self.requires = SEQUENCE_FIELDS | EMBEDDING_FIELDS | (
-            PENALTY_FIELDS if self.penalty else frozenset())
+        self.requires = type(self).needs(kernel=kernel, divergence=divergence, **params).fields
+
+    @classmethod
+    def parts(cls, params: dict[str, Any]) -> tuple[str, str | None]:
+        """(kernel, divergence) of a loss built with `params`."""
+        kernel = params.get("kernel", default_of(cls, "kernel"))
+        return kernel, params.get("divergence", default_of(cls, "divergence"))
+
+    @classmethod
+    def needs(cls, **params) -> Needs:
+        kernel, divergence = cls.parts(params)
+        own = own_parameters(cls) | {"kernel"}
+        k_params, _ = split_params(kernel, divergence,
+                                   {k: v for k, v in params.items() if k not in own}, cls.name)
+        fields = SEQUENCE_FIELDS | EMBEDDING_FIELDS | (PENALTY_FIELDS if divergence
+                                                       else frozenset())
+        return Needs(fields, fitted_embeddings=KERNELS.get_class(kernel).fits_data(**k_params))
+
+    @classmethod
+    def identity(cls, **params) -> dict[str, Any]:
+        kernel, divergence = cls.parts(params)
+        return {**super().identity(**params), "kernel": kernel, "divergence": divergence}
 
     def fit(self, embeddings: Tensor) -> KernelDPO:
         """Fit data-dependent kernel statistics (covariance, eigenvectors) once per dataset."""
@@ -99,6 +125,12 @@ class HMKDPO(KernelDPO):
     of the three weight pairs, which guards against collapse onto one kernel. The learned
     weights are logged as metrics `w_*`/`tau_*`. Other parameters as kernel_dpo.
     """
+
+    selection_params = ()  # its kernel is learned, not chosen
+
+    @classmethod
+    def parts(cls, params: dict[str, Any]) -> tuple[str, str | None]:
+        return "hmk", params.get("divergence")
 
     def __init__(self, beta: float = 0.1, gamma: float = 0.1, divergence: str | None = None,
                  alpha_div: float = 0.01, entropy_weight: float = 0.01, **params):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import POLICY_SEQUENCE_FIELDS, PreferenceBatch
+from raypo.losses.describe import Needs
 from raypo.losses.priors import SparsePOPrior
 from raypo.losses.registry import LOSSES, PRIORS
 
@@ -22,10 +25,20 @@ class MutualInformationDPO(PreferenceLoss):
     prior "reference" (= DPO).
     """
 
+    family = "mutual-information"
+
     def __init__(self, beta: float = 0.1, prior: str = "reference", **prior_params):
         super().__init__(beta)
         self.prior = PRIORS.create(prior, **prior_params)
-        self.requires = POLICY_SEQUENCE_FIELDS | self.prior.requires
+        self.requires = type(self).needs(prior=prior).fields
+
+    @classmethod
+    def needs(cls, prior: str = "reference", **params) -> Needs:
+        return Needs(POLICY_SEQUENCE_FIELDS | PRIORS.get_class(prior).requires)
+
+    @classmethod
+    def identity(cls, prior: str = "reference", **params) -> dict[str, Any]:
+        return {**super().identity(), "prior": prior}
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> tuple[Tensor, Tensor, Tensor]:
         zeta_w, zeta_l = self.prior(batch, self.beta)

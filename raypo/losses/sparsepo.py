@@ -33,6 +33,12 @@ class TokenMaskHead(nn.Module):
         if hidden_size:
             self._init()
 
+    def on_bind(self, facts) -> None:
+        """Create W at the model's hidden size, so it is in the optimizer from the start."""
+        if isinstance(self.proj, nn.LazyLinear) and self.proj.has_uninitialized_params():
+            self.proj = nn.Linear(facts.hidden_size, 2)
+            self._init()
+
     def _init(self) -> None:
         nn.init.zeros_(self.proj.weight)
         nn.init.ones_(self.proj.bias)
@@ -83,6 +89,7 @@ class SparsePO(PreferenceLoss):
     reward and KL masks (the paper's non-shared variant). Default beta 0.1.
     """
 
+    family = "token-level"
     requires = SPARSEPO_FIELDS
 
     def __init__(self, beta: float = 0.1, l1: float = 1e-3, hidden_size: int | None = None):

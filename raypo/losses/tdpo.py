@@ -35,6 +35,7 @@ class TDPO(PreferenceLoss):
     keeping generation diverse while the margin grows. Defaults beta 0.1, alpha 0.5 (paper).
     """
 
+    family = "token-level"
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS
 
     def __init__(self, beta: float = 0.1, version: int = 2, alpha: float = 0.5):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ray import tune
 
+from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
@@ -113,15 +114,15 @@ class ReportRecorder(tune.Callback):
             leaf = name.rsplit(".", 1)[-1]
             if leaf != "name" and leaf not in row:
                 row[leaf] = config[name]
-        if row.get("loss") == "hmk_dpo":
-            row["kernel"] = "hmk"
         return row
 
     def predicted_rank(self, row: dict) -> float | None:
-        if row.get("loss") != "kernel_dpo":
+        """The selection rule's rank of the row's (kernel, divergence), for a loss whose pair
+        the rule ranks."""
+        name = row.get("loss")
+        if name not in LOSSES or not LOSSES.get_class(name).selection_params:
             return math.nan
-        return float(self.ranks.get((row.get("kernel", "rbf"), row.get("divergence")),
-                                    math.nan))
+        return float(self.ranks.get((row.get("kernel"), row.get("divergence")), math.nan))
 
     def _show(self, row: dict) -> None:
         trials = self.writer.trials

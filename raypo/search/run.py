@@ -35,7 +35,6 @@ from raypo.search.trial import search_trial
 from raypo.train.config import TrainConfig
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
-KERNEL_LOSSES = ("kernel_dpo", "hmk_dpo")
 
 
 def _log(message: str) -> None:
@@ -45,20 +44,16 @@ def _log(message: str) -> None:
 def cache_key(cfg: TrainConfig) -> str:
     """What decides the shared caches of a config: the model, the data, their limits and the
     fields the loss needs (not its weights, the learning rate or the number of steps)."""
-    from raypo.losses import LOSSES
+    from raypo.train.setup import loss_needs
 
-    try:  # what the loss reads decides which reference outputs are cached
-        loss = LOSSES.create(cfg.loss.name, **cfg.loss.params)
-        reads = sorted(loss.requires) + ["live"] * loss.full_reference_logits
-    except (TypeError, ValueError):  # parameters only the trainer fills in (dims)
-        reads = [cfg.loss.name]
+    declared = loss_needs(cfg)  # what the loss reads decides which reference outputs are cached
     return json.dumps({
         "model": cfg.model, "data": cfg.data, "task": cfg.task.model_dump() if cfg.builtin
         else None, "seed": cfg.seed, "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "truncate": cfg.truncate_responses,
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
-        "reads": reads, "kernel": cfg.loss.name in KERNEL_LOSSES,
-        "embedding_source": cfg.embedding_source,
+        "reads": sorted(declared.fields), "live": declared.full_reference_logits,
+        "fitted": declared.fitted_embeddings, "embedding_source": cfg.embedding_source,
         "lora": cfg.lora}, sort_keys=True, default=str)
 
 
@@ -77,9 +72,12 @@ def warm_caches(space: SearchSpace, log=_log) -> int:
     return len(configs)
 
 
-def _kernel_pairs_searched(space: SearchSpace) -> bool:
+def _ranked_losses(space: SearchSpace) -> set[str]:
+    """The losses of the space whose (kernel, divergence) pair the selection rule ranks."""
+    from raypo.losses import LOSSES
+
     names = {space.config(v).loss.name for v in space.representative_values()}
-    return bool(names & set(KERNEL_LOSSES))
+    return {n for n in names if LOSSES.get_class(n).selection_params}
 
 
 def selection_evidence(space: SearchSpace, directory: Path, log=_log):
@@ -103,22 +101,27 @@ def selection_evidence(space: SearchSpace, directory: Path, log=_log):
 
 def warm_start_points(space: SearchSpace, ranks: dict) -> list[dict]:
     """The predicted best kernel-divergence pairs, as Optuna trials to run first (only the
-    pairs the space can produce)."""
+    pairs the space can produce, for the first loss of the space whose pair is ranked)."""
+    from raypo.losses import LOSSES
+
     n = space.settings.selection.warm_start
-    name, kernel, divergence = (space.param(f"loss.{k}") for k in ("name", "kernel",
-                                                                     "divergence"))
-    if not n or kernel is None or divergence is None:
+    name = space.param("loss.name")
+    names = (name.choices if name is not None
+             else [space.config(space.representative_values()[0]).loss.name])
+    ranked = [x for x in names if x in LOSSES and LOSSES.get_class(x).selection_params]
+    if not n or not ranked:
         return []
-    if name is not None and "kernel_dpo" not in name.choices:
-        return []
-    if name is None and space.fixed.get("loss", {}).get("name") != "kernel_dpo":
+    kernel_key, divergence_key = (f"loss.{p}" for p in LOSSES.get_class(ranked[0])
+                                  .selection_params)
+    kernel, divergence = space.param(kernel_key), space.param(divergence_key)
+    if kernel is None or divergence is None:
         return []
     points = []
     for (k, d), _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         if k in kernel.choices and d in divergence.choices:
-            point = {"loss.kernel": k, "loss.divergence": d}
+            point = {kernel_key: k, divergence_key: d}
             if name is not None:
-                point["loss.name"] = "kernel_dpo"
+                point["loss.name"] = ranked[0]
             points.append(point)
         if len(points) == n:
             break
@@ -216,7 +219,7 @@ def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
 def shared_work(space: SearchSpace, directory: Path, log=_log) -> dict:
     """Caches, then selection evidence; returns the predicted ranks of the pairs."""
     warm_caches(space, log=log)
-    if space.settings.selection.enabled and _kernel_pairs_searched(space):
+    if space.settings.selection.enabled and _ranked_losses(space):
         return selection_evidence(space, directory, log=log)
     return {}
 

@@ -244,7 +244,7 @@ def _walk(tree: dict, path: tuple[str, ...], where: str, params: list[Param],
 def _get(tree: dict, path: tuple[str, ...]):
     for key in path:
         if isinstance(tree, str) and key == "name":
-            return tree  # `loss: dpo`
+            return tree  # the `loss: <name>` shorthand
         if not isinstance(tree, dict) or key not in tree:
             raise KeyError(path)
         tree = tree[key]
@@ -425,7 +425,7 @@ def _resolve_conditions(params: list[Param], conditions: dict, fixed: dict, wher
             continue
         if not isinstance(when, dict) or not when:
             raise SpaceError(f"{where}: {p.name}.when: expected a mapping of parameter -> "
-                             "value(s), e.g. {kernel: rbf}")
+                             "value(s), e.g. {name: [a, b]}")
         for ref, allowed in when.items():
             # a sibling first (`kernel` beside `sigma`), then a dotted path from the top
             candidates = [".".join((*p.path[:-1], str(ref))), str(ref)]

@@ -31,12 +31,14 @@ import math
 import torch
 from torch import Tensor
 
-from raypo.losses import DIVERGENCES, KERNELS, TopKLogits
-
-# The candidates of the kernel-divergence search, in the fixed order that breaks ties.
-# "hmk" (the learned mixture of the four kernels) is not a candidate: it is trained, not chosen.
-KERNEL_NAMES = ("polynomial", "rbf", "mahalanobis", "spectral")
-DIVERGENCE_NAMES = ("kl", "js", "hellinger", "bhattacharyya", "renyi", "fdiv", "wasserstein")
+from raypo.losses import (
+    DIVERGENCES,
+    KERNELS,
+    TopKLogits,
+    divergence_candidates,
+    kernel_candidates,
+)
+from raypo.losses.divergences.closed_form import JS as JensenShannon
 
 # 1.4826 * MAD estimates a Gaussian's standard deviation (1 / Phi^-1(3/4)).
 MAD_TO_SIGMA = 1.4826
@@ -115,11 +117,11 @@ def margin_metrics(margins: Tensor) -> dict[str, float]:
 
 
 def kernel_metrics(prompt: Tensor, chosen: Tensor, rejected: Tensor,
-                   names: tuple[str, ...] = KERNEL_NAMES,
+                   names: tuple[str, ...] | None = None,
                    params: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
-    """`margin_metrics` of each kernel in `names` (built with `KERNELS.create(name,
-    **params[name])`, default parameters otherwise) on the triplets (prompt, chosen, rejected),
-    each (N, d).
+    """`margin_metrics` of each kernel in `names` (default: the registry's candidates; built
+    with `KERNELS.create(name, **params[name])`, default parameters otherwise) on the triplets
+    (prompt, chosen, rejected), each (N, d).
 
     Data-dependent kernels are fitted first on the responses' embeddings, chosen and rejected
     stacked, as the trainer does (raypo.train.setup._fit_kernel), so each kernel is judged as
@@ -131,7 +133,7 @@ def kernel_metrics(prompt: Tensor, chosen: Tensor, rejected: Tensor,
     params = params or {}
     responses = torch.cat([chosen, rejected])
     out = {}
-    for name in names:
+    for name in names or kernel_candidates():
         kernel = KERNELS.create(name, **params.get(name, {}))
         kernel.fit(responses)
         out[name] = margin_metrics(kernel_margins(kernel, prompt, chosen, rejected))
@@ -208,7 +210,7 @@ def distribution_drift(chosen: TopKLogits, rejected: TopKLogits, vocab_size: int
     rest bins of both sides are one bin, so this is a lower bound (data processing).
     """
     p, q = mean_distribution(chosen, vocab_size), mean_distribution(rejected, vocab_size)
-    js = DIVERGENCES.create("js")(p.clamp_min(1e-300).log(), q.clamp_min(1e-300).log())
+    js = JensenShannon()(p.clamp_min(1e-300).log(), q.clamp_min(1e-300).log())
     return float((js / math.log(2.0)).clamp(0.0, 1.0))
 
 
@@ -242,12 +244,13 @@ def _topk_cat(a: TopKLogits, b: TopKLogits) -> TopKLogits:
 def divergence_metrics(*, chosen_token_logps: Tensor, chosen_lengths: Tensor,
                        rejected_token_logps: Tensor, rejected_lengths: Tensor,
                        chosen_topk: TopKLogits, rejected_topk: TopKLogits, vocab_size: int,
-                       names: tuple[str, ...] = DIVERGENCE_NAMES,
+                       names: tuple[str, ...] | None = None,
                        ) -> dict[str, dict[str, float]]:
-    """Per divergence in `names`: `coverage`, `entropy`, `kurtosis`, `tail_mass`, `drift` (the
-    module docstring). All but `coverage` are properties of the data, the same for every
-    divergence; `coverage` is that of the support the divergence is computed on: the top
-    `k` of the Wasserstein penalty (its `k` parameter's default, 8), the whole cache otherwise.
+    """Per divergence in `names` (default: the registry's candidates): `coverage`, `entropy`,
+    `kurtosis`, `tail_mass`, `drift` (the module docstring). All but `coverage` are properties
+    of the data, the same for every divergence; `coverage` is that of the support the
+    divergence is computed on: the top `support_k()` tokens where the divergence truncates the
+    support itself (the Wasserstein penalty's default k, 8), the whole cache otherwise.
 
     The top-k caches are flat over response tokens ((n_tokens, k), as in `ReferenceOutputs`).
     """
@@ -261,7 +264,7 @@ def divergence_metrics(*, chosen_token_logps: Tensor, chosen_lengths: Tensor,
         "drift": distribution_drift(chosen_topk, rejected_topk, vocab_size),
     }
     out = {}
-    for name in names:
-        k = DIVERGENCES.parameters(name).get("k") if name == "wasserstein" else None
+    for name in names or divergence_candidates():
+        k = DIVERGENCES.get_class(name).support_k()
         out[name] = {"coverage": float(topk_coverage(both, k).mean()), **shared}
     return out

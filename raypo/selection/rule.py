@@ -1,5 +1,5 @@
-"""The selection rule: from the metrics of raypo.selection.metrics to a ranking of the 28
-kernel-divergence pairs (4 kernels x 7 divergences), 1 = predicted best.
+"""The selection rule: from the metrics of raypo.selection.metrics to a ranking of the
+kernel-divergence pairs (the registries' candidates: 4 kernels x 7 divergences), 1 = best.
 
 The rule is the project's own (DPO-Kernels, arXiv 2501.03271, selects from data statistics but
 does not publish its formulas); it is a prior for where the search looks first, and the search
@@ -17,7 +17,7 @@ and whatever the kernel gets wrong then dominates the gradient. (Added after the
 first searches: the Mahalanobis kernel, least wrong on ordering but with a margin spread of
 ~50, was ranked first and trained worst.)
 
-Divergence score, with the divergence's profile (b, s, g) from `PROFILES` and the data's
+Divergence score, with the divergence's profile (b, s, g) (its class's `profile`) and the data's
 metrics (coverage c, normalised entropy H, drift D, tail heaviness T below):
     S_d = (2b - 1)(2T - 1)            tails: heavy tails favour bounded divergences, light
                                       tails the unbounded ones (sharper, DPO's own KL family)
@@ -34,8 +34,8 @@ the boundary between "light" and "heavy"; a Gaussian gives T_kurt = 0 and T_tail
 Pair score: S = S_k + S_d. The kernel acts through the loss's semantic margin and the
 divergence through its penalty, two terms that add in the loss, so their scores add.
 
-Ranking: by S, highest first; ties (kl, renyi and fdiv share a profile, so they tie on every
-dataset) are broken by the fixed order of KERNEL_NAMES, then DIVERGENCE_NAMES. A metric that
+Ranking: by S, highest first; ties (divergences that share a profile tie on every dataset)
+are broken by the registries' order of the kernels, then of the divergences. A metric that
 is NaN (undefined on the data, e.g. the kurtosis of a constant) takes its `NEUTRAL` value,
 which moves no score in either direction.
 """
@@ -46,26 +46,28 @@ import math
 
 import pandas as pd
 
-from raypo.losses import KERNELS
-from raypo.selection.metrics import DIVERGENCE_NAMES, KERNEL_NAMES
+from raypo.losses import DIVERGENCES, KERNELS, divergence_candidates, kernel_candidates
+from raypo.losses.describe import SelectionProfile
 
-# (boundedness b, support reliance s, geometry g) of each candidate divergence, in [0, 1].
+# Each divergence class declares its profile (boundedness b, support reliance s, geometry g),
+# each in [0, 1] (raypo.losses.describe.SelectionProfile):
 #   b: 1 when the token-level value is bounded (JS <= log 2, H^2 <= 1, Sinkhorn <= the cost's
 #      diameter 2), 0.5 for Bhattacharyya = -log(1 - H^2) (unbounded only as the supports
-#      become disjoint), 0 for KL, Renyi(alpha ~ 1) and the f-divergence (default f = kl).
+#      become disjoint), 0 for the KL family.
 #   s: 1 when every token's log-ratio counts without a bound (the KL family) or when only the
-#      top 8 tokens are transported (Wasserstein); 0.5 when bounded per-token terms make the
+#      top k tokens are transported (Wasserstein); 0.5 when bounded per-token terms make the
 #      mass outside the support matter less.
-#   g: 1 for the divergence that uses the geometry between tokens (Wasserstein).
-PROFILES: dict[str, tuple[float, float, float]] = {
-    "kl": (0.0, 1.0, 0.0),
-    "js": (1.0, 0.5, 0.0),
-    "hellinger": (1.0, 0.5, 0.0),
-    "bhattacharyya": (0.5, 0.5, 0.0),
-    "renyi": (0.0, 1.0, 0.0),
-    "fdiv": (0.0, 1.0, 0.0),
-    "wasserstein": (1.0, 1.0, 1.0),
-}
+#   g: 1 for a divergence that uses the geometry between tokens (Wasserstein).
+
+
+def profile(name: str) -> SelectionProfile:
+    """The selection profile of divergence `name`; ValueError if it is not a candidate."""
+    found = DIVERGENCES.get_class(name).profile
+    if found is None:
+        raise ValueError(f"rank_pairs: no selection profile for divergence {name!r}; "
+                         f"the candidates are {', '.join(divergence_candidates())}")
+    return found
+
 
 LAPLACE_TAIL_MASS = 0.046  # P(|x| > 3 * 1.4826 * MAD) for a Laplace sample
 
@@ -103,11 +105,8 @@ def tail_heaviness(kurtosis: float, tail_mass: float) -> float:
 
 
 def divergence_score(metrics: dict[str, float], name: str) -> float:
-    """S_d for divergence `name` (a key of PROFILES) on the data's metrics (module docstring)."""
-    if name not in PROFILES:
-        raise ValueError(f"rank_pairs: no selection profile for divergence {name!r}; "
-                         f"expected one of {', '.join(PROFILES)}")
-    b, s, g = PROFILES[name]
+    """S_d for candidate divergence `name` on the data's metrics (module docstring)."""
+    b, s, g = profile(name)
     c, h, d = (_value(metrics, key, name) for key in ("coverage", "entropy", "drift"))
     t = tail_heaviness(_value(metrics, "kurtosis", name), _value(metrics, "tail_mass", name))
     return ((2 * b - 1) * (2 * t - 1) - s * (1 - c) + d * (g - (1 - b) / 2)
@@ -125,8 +124,8 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
     Columns: `kernel`, `divergence`, `predicted_rank` (int), `score` (S_k + S_d),
     `kernel_score`, `divergence_score`, `divergence_heaviness` (T), `divergence_boundedness`,
     `divergence_support`, `divergence_geometry` (the profile), and every given metric as
-    `kernel_<metric>` / `divergence_<metric>`. Deterministic: ties go to the fixed order of
-    KERNEL_NAMES then DIVERGENCE_NAMES (names outside them after, alphabetically).
+    `kernel_<metric>` / `divergence_<metric>`. Deterministic: ties go to the registries' order
+    of the candidate kernels then divergences (names outside them after, alphabetically).
     """
     if not kernel_metrics or not divergence_metrics:
         raise ValueError("rank_pairs: need metrics for at least one kernel and one divergence")
@@ -137,7 +136,7 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
     rows = []
     for k, k_m in kernel_metrics.items():
         for d, d_m in divergence_metrics.items():
-            b, s, g = PROFILES[d]
+            b, s, g = profile(d)
             heaviness = tail_heaviness(_value(d_m, "kurtosis", d), _value(d_m, "tail_mass", d))
             row = {"kernel": k, "divergence": d, "score": k_scores[k] + d_scores[d],
                    "kernel_score": k_scores[k], "divergence_score": d_scores[d],
@@ -147,8 +146,9 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
             row.update({f"divergence_{key}": float(v) for key, v in d_m.items()})
             rows.append(row)
     # rounded for the sort only: scores equal up to float rounding count as ties
-    rows.sort(key=lambda r: (-round(r["score"], 12), _order(r["kernel"], KERNEL_NAMES),
-                             _order(r["divergence"], DIVERGENCE_NAMES)))
+    kernels, divergences = kernel_candidates(), divergence_candidates()
+    rows.sort(key=lambda r: (-round(r["score"], 12), _order(r["kernel"], kernels),
+                             _order(r["divergence"], divergences)))
     table = pd.DataFrame(rows)
     table.insert(2, "predicted_rank", range(1, len(rows) + 1))
     return table.reset_index(drop=True)

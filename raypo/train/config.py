@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raypo.data.builtin import VARIANTS
-from raypo.losses import LOSSES, SCHEDULES
+from raypo.losses import DEFAULT_LOSS, LOSSES, SCHEDULES
 from raypo.models.encoder import check_available, encoder_name
 
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
@@ -54,7 +54,7 @@ class LossConfig(_Strict):
     """`loss: dpo` or `loss: {name: kernel_dpo, kernel: rbf, sigma: 1.0, ...}`."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "dpo"
+    name: str = DEFAULT_LOSS
 
     @property
     def params(self) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     for key in keys[:-1]:
         child = node.get(key)
-        if isinstance(child, str):  # `loss: dpo` shorthand gains parameters
+        if isinstance(child, str):  # the `loss: <name>` shorthand gains parameters
             child = {"name": child} if key != "task" else {"variant": child}
         node[key] = child = dict(child or {})
         node = child

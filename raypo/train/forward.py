@@ -67,7 +67,7 @@ def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False
     return result
 
 
-def needs(requires: frozenset[str]) -> dict[str, bool]:
+def outputs_for(requires: frozenset[str]) -> dict[str, bool]:
     """Which expensive outputs a loss's `requires` asks for (from the policy's forward)."""
     return {
         "logits": bool(requires & {"policy_chosen_logits", "policy_rejected_logits"}),

@@ -9,7 +9,7 @@ import traceback
 import torch
 
 from raypo.data.errors import DataError
-from raypo.losses import LOSSES
+from raypo.losses import LOSSES, identity
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
 from raypo.train.setup import prepare
@@ -27,6 +27,7 @@ def hyperparameters(cfg: TrainConfig) -> dict:
     row.update(defaults)
     row.update({k: v for k, v in cfg.loss.params.items()
                 if v is None or isinstance(v, int | float | str)})
+    row.update(identity(cfg.loss.name, **cfg.loss.params))  # loss, family, kernel, ...
     row.update({f"schedule_{k}": v for k, v in cfg.beta_schedule.params.items()})
     return row
 

@@ -16,7 +16,7 @@ import torch
 from raypo.data.builtin import TaskSpec, preference_pairs
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
-from raypo.losses import PreferenceLoss, build
+from raypo.losses import ModelFacts, Needs, PreferenceLoss, build, needs
 from raypo.losses.batch import EMBEDDING_FIELDS
 from raypo.models.encoder import encoder_embeddings, encoder_name
 from raypo.models.load import (
@@ -28,7 +28,7 @@ from raypo.models.load import (
 )
 from raypo.train.base_model import fit_base_model
 from raypo.train.config import TrainConfig
-from raypo.train.forward import needs
+from raypo.train.forward import outputs_for
 from raypo.train.reference import (
     ReferenceOutputs,
     compute_reference,
@@ -83,20 +83,24 @@ def _tokenize(cfg, rows_or_ds, tokenizer, fingerprint, source) -> TokenizedPairs
                           data_fingerprint=fingerprint)
 
 
+def loss_needs(cfg: TrainConfig) -> Needs:
+    """What the configured loss reads, without building it."""
+    return needs(cfg.loss.name, **cfg.loss.params)
+
+
+def model_facts(policy, embedding_dim: int | None = None) -> ModelFacts:
+    """What a loss may need to know of `policy`. `embedding_dim`: the size of the embeddings
+    a kernel sees (default: the policy's hidden size, which the policy and reference embedding
+    sources have; an encoder has its own)."""
+    hidden = policy.config.hidden_size
+    embeddings = policy.get_output_embeddings().weight.detach()
+    return ModelFacts(hidden_size=hidden, embedding_dim=embedding_dim or hidden,
+                      vocab_size=int(embeddings.shape[0]), token_embeddings=embeddings)
+
+
 def build_loss(cfg: TrainConfig, policy, embedding_dim: int | None = None) -> PreferenceLoss:
-    """The configured loss, completed with what only the model (or the encoder) knows.
-    `embedding_dim`: the size of the embeddings the kernel sees (default: the policy's hidden
-    size, which the policy and reference embedding sources have)."""
-    params = dict(cfg.loss.params)
-    embedding_dim = embedding_dim or policy.config.hidden_size
-    if params.get("divergence") == "wasserstein" and "token_embeddings" not in params:
-        # the ground cost between tokens: the model's own output embeddings
-        params["token_embeddings"] = policy.get_output_embeddings().weight.detach()
-    if cfg.loss.name in ("sparsepo",) or params.get("prior") == "sparsepo":
-        params.setdefault("hidden_size", policy.config.hidden_size)
-    if cfg.loss.name == "hmk_dpo" or params.get("kernel") == "mahalanobis":
-        params.setdefault("dim", embedding_dim)
-    return build(cfg.loss.name, **params)
+    """The configured loss, bound to what only the model (or the encoder) knows."""
+    return build(cfg.loss.name, **cfg.loss.params).bind(model_facts(policy, embedding_dim))
 
 
 def prepare(cfg: TrainConfig, log=print) -> Setup:
@@ -130,11 +134,16 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
     encoder_seconds = time.perf_counter() - start  # a precompute too: counted with the reference's
     loss_fn = build_loss(cfg, policy, encoded and encoded[0]["chosen"].shape[1]).to(device)
-    want = needs(loss_fn.requires)
-    want["embeddings"] = want["embeddings"] and cfg.embedding_source == "reference"
-    # epsilon-DPO perturbs full-vocabulary reference logits: those are computed live by the
+    declared = loss_needs(cfg)
+    want = outputs_for(loss_fn.requires)
+    # data-dependent kernels are fitted on reference embeddings even when the loss trains on
+    # the policy's; an encoder brings its own
+    want["embeddings"] = ((want["embeddings"] and cfg.embedding_source == "reference")
+                          or (declared.fitted_embeddings
+                              and encoder_name(cfg.embedding_source) is None))
+    # Full-vocabulary reference logits (epsilon-DPO perturbs them) are computed live by the
     # reference rather than cached (they would not fit on disk for a real vocabulary).
-    live_reference = loss_fn.full_reference_logits
+    live_reference = declared.full_reference_logits
     want["ref_logits"] = want["ref_logits"] and not live_reference  # no top-k cache then
     start = time.perf_counter()
     ref_train, ref_eval = (
@@ -158,7 +167,7 @@ def _encoder_embeddings(cfg, splits, tokenizer, device, log) -> tuple[dict, ...]
     """Per split, the frozen encoder embeddings (`embedding_source: encoder:NAME`) when the
     loss reads embeddings; None otherwise."""
     name = encoder_name(cfg.embedding_source)
-    if name is None or not (build(cfg.loss.name, **cfg.loss.params).requires & EMBEDDING_FIELDS):
+    if name is None or not (loss_needs(cfg).fields & EMBEDDING_FIELDS):
         return None
     return tuple(encoder_embeddings(name, pairs, tokenizer, device=device, log=log)
                  for pairs in splits)
@@ -175,10 +184,7 @@ def _fit_kernel(loss_fn, ref: ReferenceOutputs) -> None:
 
 def _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log) -> ReferenceOutputs:
     topk = cfg.topk if want["ref_logits"] else None
-    # kernels fitted to data need reference embeddings even when the loss uses the policy's;
-    # an encoder brings its own
-    embeddings = want["embeddings"] or (cfg.loss.name in ("kernel_dpo", "hmk_dpo")
-                                        and encoder_name(cfg.embedding_source) is None)
+    embeddings = want["embeddings"]
     flags = {"token_logps": want["token_logps"], "topk": topk, "hidden": want["ref_hidden"],
              "embeddings": embeddings}
     key = reference_key(model_fp, pairs.fingerprint, flags)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from raypo.losses import PreferenceBatch
-from raypo.train.forward import needs, sequence_forward
+from raypo.train.forward import outputs_for, sequence_forward
 
 
 def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: bool
                      ) -> PreferenceBatch:
     loss_fn = setup.loss_fn
-    want = needs(loss_fn.requires)
+    want = outputs_for(loss_fn.requires)
     B, T = batch.index.shape[0], batch.labels.shape[1]
     use_policy_emb = want["embeddings"] and embeddings_from_policy
     out = sequence_forward(policy, batch, logits=want["logits"], embeddings=use_policy_emb)

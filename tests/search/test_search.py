@@ -257,4 +257,4 @@ def test_select_needs_a_report_with_kernel_trials(tmp_path):
     writer.write_trial({"trial_id": "a", "status": "ok", "objective": 0.5, "loss": "dpo",
                         "kernel": None})
     result = cli("select", tmp_path / "r")
-    assert result.exit_code == 2 and "no finished kernel trial" in result.output
+    assert result.exit_code == 2 and "no finished trial of a kernel loss" in result.output

@@ -14,10 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from raypo.cli import app
-from raypo.losses import TopKLogits
+from raypo.losses import TopKLogits, divergence_candidates, kernel_candidates
 from raypo.selection.metrics import (
-    DIVERGENCE_NAMES,
-    KERNEL_NAMES,
     aligned_logratios,
     distribution_drift,
     divergence_metrics,
@@ -50,7 +48,7 @@ def _orthogonal_triplets(n: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch
 def test_every_kernel_orders_constructed_triplets_with_accuracy_one():
     prompt, chosen, rejected = _orthogonal_triplets()
     metrics = kernel_metrics(prompt, chosen, rejected)
-    assert tuple(metrics) == KERNEL_NAMES
+    assert tuple(metrics) == kernel_candidates()
     for name, m in metrics.items():
         assert m["accuracy"] == 1.0, name
         assert m["margin_mean"] > 0 and m["snr"] > 0, name
@@ -166,12 +164,12 @@ def test_divergence_metrics_give_wasserstein_the_coverage_of_its_top_8():
     metrics = divergence_metrics(chosen_token_logps=token_w, chosen_lengths=lengths_w,
                                  rejected_token_logps=token_l, rejected_lengths=lengths_l,
                                  chosen_topk=chosen, rejected_topk=rejected, vocab_size=vocab)
-    assert tuple(metrics) == DIVERGENCE_NAMES
+    assert tuple(metrics) == divergence_candidates()
     both = torch.cat([logits.softmax(-1).topk(k).values])
     assert metrics["kl"]["coverage"] == pytest.approx(float(both.sum(-1).mean()), rel=1e-5)
     top8 = float(both[:, :8].sum(-1).mean())
     assert metrics["wasserstein"]["coverage"] == pytest.approx(top8, rel=1e-5)
-    for name in DIVERGENCE_NAMES:
+    for name in divergence_candidates():
         assert metrics[name]["drift"] == metrics["kl"]["drift"]
         assert all(math.isfinite(v) for v in metrics[name].values())
 
@@ -195,7 +193,7 @@ def test_selection_table_on_the_builtin_task_ranks_28_pairs_with_finite_scores(b
     assert len(table) == 28
     assert list(table["predicted_rank"]) == list(range(1, 29))
     assert set(zip(table["kernel"], table["divergence"], strict=True)) == {
-        (k, d) for k in KERNEL_NAMES for d in DIVERGENCE_NAMES}
+        (k, d) for k in kernel_candidates() for d in divergence_candidates()}
     assert np.isfinite(table["score"]).all()
     assert table["score"].is_monotonic_decreasing
     for column in ("kernel_accuracy", "kernel_snr", "divergence_coverage",

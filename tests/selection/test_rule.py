@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from raypo.selection.metrics import DIVERGENCE_NAMES, KERNEL_NAMES
+from raypo.losses import divergence_candidates, kernel_candidates
 from raypo.selection.rule import rank_pairs, tail_heaviness
 
 LIGHT_TAILS = {"kurtosis": 3.0, "tail_mass": 0.0027}  # a Gaussian sample's
@@ -25,7 +25,7 @@ def _kernels(**override) -> dict[str, dict[str, float]]:
 
 def _divergences(**data) -> dict[str, dict[str, float]]:
     metrics = {"coverage": 0.95, "entropy": 0.5, "drift": 0.1, **LIGHT_TAILS, **data}
-    return {d: dict(metrics) for d in DIVERGENCE_NAMES}
+    return {d: dict(metrics) for d in divergence_candidates()}
 
 
 def _rank(table: pd.DataFrame, kernel: str, divergence: str) -> int:
@@ -93,13 +93,14 @@ def test_a_more_accurate_kernel_ranks_first():
 def test_ties_follow_the_fixed_kernel_then_divergence_order():
     # every kernel scores the same, and kl, renyi and fdiv share a profile: with light tails
     # those twelve pairs tie for the top, and the fixed order (kernel first) decides
-    same = {k: {"accuracy": 0.6, "snr": 0.2, "margin_std": 1.0} for k in reversed(KERNEL_NAMES)}
+    same = {k: {"accuracy": 0.6, "snr": 0.2, "margin_std": 1.0}
+            for k in reversed(kernel_candidates())}
     divergences = dict(reversed(list(_divergences(**LIGHT_TAILS).items())))
     table = rank_pairs(same, divergences)
     top = table[table["predicted_rank"] <= 12]
     assert top["score"].nunique() == 1
     assert list(zip(top["kernel"], top["divergence"], strict=True)) == [
-        (k, d) for k in KERNEL_NAMES for d in ("kl", "renyi", "fdiv")]
+        (k, d) for k in kernel_candidates() for d in ("kl", "renyi", "fdiv")]
 
 
 def test_nan_metrics_take_neutral_values():
@@ -126,7 +127,7 @@ def test_unknown_names_and_missing_metrics_are_errors():
 def test_a_kernel_margin_too_wide_for_the_default_gamma_ranks_lower():
     # same ordering statistics; spreads of 1 and 50 at gamma 0.1: tanh(0.05) vs tanh(2.5)
     kernels = {k: {"margin_mean": 0.1, "margin_std": 1.0, "accuracy": 0.55, "snr": 0.1}
-               for k in KERNEL_NAMES}
+               for k in kernel_candidates()}
     kernels["mahalanobis"] = {**kernels["mahalanobis"], "margin_std": 50.0}
     table = rank_pairs(kernels, _divergences())
     score = table.groupby("kernel")["kernel_score"].first()

@@ -8,11 +8,13 @@ loss). Each side is either full logits (..., V) or a `TopKLogits` cache of the r
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from raypo.losses.batch import Logits, TopKLogits
+from raypo.losses.describe import SelectionProfile
 
 # Log-probabilities are clamped below at log(1e-20) so that exact zeros in P or Q (logits of
 # -inf) give finite values and finite gradients (log 0 = -inf, and 0 * inf = nan in backward),
@@ -105,6 +107,14 @@ class Divergence(nn.Module):
     """
 
     name: str = "?"
+    # How the penalty behaves, for the selection rule; None: not a selection candidate.
+    profile: ClassVar[SelectionProfile | None] = None
+
+    @classmethod
+    def support_k(cls, **params) -> int | None:
+        """The number of top tokens per side the value is computed on, when it truncates the
+        support itself (None: the whole support it is given)."""
+        return None
 
     def forward(self, p_logits: Logits, q_logits: Logits) -> Tensor:
         logp, logq = common_support(p_logits, q_logits)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LN2, LOG_FLOOR, Divergence, mass
 from raypo.losses.registry import DIVERGENCES, check_positive
 
@@ -39,6 +40,9 @@ class KL(Divergence):
     Source: the KL penalty of DPO-Kernels (arXiv 2501.03271).
     """
 
+    # unbounded, and every token's log-ratio counts: it relies on the whole support
+    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
+
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         return kl_terms(logp, logq).sum(-1)
 
@@ -51,6 +55,9 @@ class JS(Divergence):
     softplus(r) - log 2, the same as log M = logaddexp(log P, log Q) - log 2 but exactly 0 at
     P == Q. No parameters. Source: DPO-Kernels (arXiv 2501.03271).
     """
+
+    # bounded by log 2; bounded per-token terms make the mass outside the support matter less
+    profile = SelectionProfile(boundedness=1.0, support=0.5, geometry=0.0)
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         r = logp - logq
@@ -66,6 +73,8 @@ class Hellinger(Divergence):
     form is used: it has no cancellation when P is close to Q and is exactly 0 at P == Q.
     No parameters.
     """
+
+    profile = SelectionProfile(boundedness=1.0, support=0.5, geometry=0.0)  # in [0, 1]
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         return hellinger_terms(logp, logq).sum(-1).clamp(0.0, 1.0)
@@ -83,6 +92,8 @@ class Renyi(Divergence):
     arithmetic) is subtracted so that the rounding of the normaliser, which 1/(a-1) would
     amplify a hundredfold at a = 1.01, cancels and the value is exactly 0 at P == Q.
     """
+
+    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)  # as KL near 1
 
     def __init__(self, alpha: float = 1.01):
         super().__init__()
@@ -107,6 +118,9 @@ class Bhattacharyya(Divergence):
     1 - H^2 underflows and -logsumexp((log P + log Q) / 2) is used instead. No parameters.
     Source: DPO-Kernels (arXiv 2501.03271).
     """
+
+    # -log(1 - H^2): unbounded only as the supports become disjoint
+    profile = SelectionProfile(boundedness=0.5, support=0.5, geometry=0.0)
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         h2 = hellinger_terms(logp, logq).sum(-1)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LN2, Divergence, mass
 from raypo.losses.registry import DIVERGENCES
 
@@ -74,6 +75,8 @@ class FDivergence(Divergence):
 
     js and hellinger are scaled so that they equal the `js` and `hellinger` divergences.
     """
+
+    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)  # default f = kl
 
     def __init__(self, f: str = "kl"):
         super().__init__()

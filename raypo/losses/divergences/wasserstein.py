@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raypo.losses.batch import Logits, TopKLogits
+from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LOG_FLOOR, Divergence, check_pair, log1mexp
 from raypo.losses.registry import DIVERGENCES, check_positive
 
@@ -57,7 +58,9 @@ class Wasserstein(Divergence):
     Args:
         token_embeddings: (V, d) output embeddings of the tokens. The ground cost between tokens
             i and j is the Euclidean distance of their L2-normalised embeddings, in [0, 2]. With
-            None (default) the cost is 0 between a token and itself and 1 otherwise; W1 is then
+            None (default) the trained model's output embeddings are used once the loss is
+            bound to it (`bind`; raypo's trainer does this); unbound, the cost
+            is 0 between a token and itself and 1 otherwise; W1 is then
             the total variation sum |P - Q| / 2 (on the union support).
         k: tokens taken from each side (default 8). Transport costs grow with the square of
             the support; 8 + 8 (+ rest) keeps the penalty within 2x of a log_softmax over the
@@ -66,6 +69,18 @@ class Wasserstein(Divergence):
         max_iter: Sinkhorn iterations at most (default 20).
         tol: stop when the row marginals are within tol in L2 (default 1e-4).
     """
+
+    # bounded by the cost's diameter; transports only the top k per side; uses token geometry
+    profile = SelectionProfile(boundedness=1.0, support=1.0, geometry=1.0)
+
+    @classmethod
+    def support_k(cls, k: int = 8, **params) -> int:
+        return int(k)
+
+    def on_bind(self, facts) -> None:
+        """The ground cost from the model's output embeddings, unless some were given."""
+        if self.unit_embeddings is None and facts.token_embeddings is not None:
+            self.unit_embeddings = F.normalize(facts.token_embeddings.detach(), dim=-1)
 
     def __init__(self, token_embeddings: Tensor | None = None, k: int = 8, reg: float = 0.1,
                  max_iter: int = 20, tol: float = 1e-4):

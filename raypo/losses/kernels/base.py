@@ -7,6 +7,8 @@ would underflow to 0.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,15 @@ class Kernel(nn.Module):
     """
 
     name: str = "?"
+    # Whether the selection rule ranks this kernel as a candidate of the kernel-divergence
+    # search (a learned mixture of the others is trained, not chosen).
+    candidate: ClassVar[bool] = True
+
+    @classmethod
+    def fits_data(cls, **params) -> bool:
+        """True when `fit(embeddings)` adapts a kernel built with `params` to the data, so the
+        trainer must hand it the training responses' embeddings."""
+        return False
 
     @property
     def label(self) -> str:

@@ -80,6 +80,15 @@ class MahalanobisKernel(Kernel):
         raw = None if dim is None else torch.zeros(dim, dim)
         self.register_value("raw_factor", raw, learnable)
 
+    @classmethod
+    def fits_data(cls, **params) -> bool:
+        return True
+
+    def on_bind(self, facts) -> None:
+        """Create the matrix at the embeddings' size, so a learnable one is in the optimizer."""
+        if self.raw_factor is None:
+            self.assign_value("raw_factor", torch.zeros(facts.embedding_dim, facts.embedding_dim))
+
     def precision_factor(self) -> Tensor:
         """L, lower-triangular with a positive diagonal, such that S^-1 = L L^T."""
         raw = self.raw_factor

@@ -45,6 +45,12 @@ class HierarchicalMixtureKernel(Kernel):
             optimizer is built only if `dim` is given or `fit()` is called first.
     """
 
+    candidate = False  # trained, not chosen: the selection ranks its members instead
+
+    @classmethod
+    def fits_data(cls, **params) -> bool:
+        return True  # its Mahalanobis member
+
     def __init__(self, learnable_weights: bool = True,
                  weight_logits: Mapping[str, Sequence[float]] | None = None,
                  learnable_kernels: bool = True, sigma: float = 1.0, degree: float = 2,

@@ -73,6 +73,10 @@ class SpectralKernel(Kernel):
         # Unnormalised log-weights: log_softmax normalises them, and zero weights stay -inf.
         self.register_value("weight_logits", torch.tensor(weights).log(), learnable)
 
+    @classmethod
+    def fits_data(cls, form: str = "mixture", **params) -> bool:
+        return form == "eigen"
+
     def mixture_weights(self) -> Tensor:
         return self.weight_logits.softmax(-1)
 
