@@ -49,7 +49,7 @@ def cache_key(cfg: TrainConfig) -> str:
     declared = loss_needs(cfg)  # what the loss reads decides which reference outputs are cached
     return json.dumps({
         "model": cfg.model, "data": cfg.data, "task": cfg.task.model_dump() if cfg.builtin
-        else None, "seed": cfg.seed, "max_length": cfg.max_length,
+        else None, "data_seed": cfg.data_seed, "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "truncate": cfg.truncate_responses,
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
         "reads": sorted(declared.fields), "live": declared.full_reference_logits,

@@ -115,8 +115,8 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
             raise ValueError("the built-in task trains the tiny built-in model; "
                              "give `data` to train another model")
         spec = task_spec(cfg)
-        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps, seed=cfg.seed,
-                                   log=log)
+        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps,
+                                   seed=cfg.data_seed, log=log)
         policy = base.to(device)
         model_fp = f"tiny-base-{fit}"
         train_pairs = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
@@ -129,7 +129,7 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         model_fp = model_fingerprint(cfg.model, policy)
         ds = load_preferences(cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
-        train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.seed)
+        train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
     start = time.perf_counter()
     encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
     encoder_seconds = time.perf_counter() - start  # a precompute too: counted with the reference's
