@@ -15,7 +15,9 @@ import sys
 
 from ray import tune
 
+from raypo.reports.schema import trial_row
 from raypo.search.space import SearchSpace
+from raypo.train.config import TrainConfig
 from raypo.train.run import run_trial
 
 FINAL = "raypo_final"  # marks the last report of a trial: it holds the row and the history
@@ -59,9 +61,26 @@ def search_trial(config: dict, space: SearchSpace) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
-    row, history = run_trial(cfg, trial_id, log=log, on_eval=on_eval)
+    result, history = run_trial(cfg, trial_id, log=log, on_eval=on_eval)
+    row = trial_row(cfg, result, searched=config)
     final = history[-1] if history else {}
     payload = json.dumps({"row": row, "steps": history}, default=str)
     tune.report({**scalar_metrics(final), **scalar_metrics(row), "step": last_step,
                  **objective_values(row if row["status"] == "ok" else {}, space),
                  FINAL: payload})
+
+
+def confirm_trial(config: dict) -> None:
+    """The Tune function trainable of one confirmation run: `config["run"]` is a run of the
+    plan (raypo.search.confirm), with its whole training config; one final report."""
+    spec = config["run"]
+    cfg = TrainConfig.model_validate(spec["config"])
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    result, history = run_trial(cfg, spec["run_id"], log=log)
+    row = trial_row(cfg, result, searched=spec["searched"])
+    row.update({k: spec[k] for k in ("config_id", "role")})
+    payload = json.dumps({"row": row, "steps": history}, default=str)
+    tune.report({**scalar_metrics(row), "step": cfg.steps, FINAL: payload})
