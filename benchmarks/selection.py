@@ -83,20 +83,34 @@ def grid_cells(settings) -> list[tuple[str, str, str, int]]:
             for seed in SEEDS]
 
 
+def candidate_defaults(kernel: str, divergence: str) -> str:
+    """The candidates' default parameters: a grid row computed under other defaults is stale."""
+    import json
+
+    from raypo.losses import DIVERGENCES, KERNELS
+
+    return json.dumps({"kernel": KERNELS.parameters(kernel),
+                       "divergence": DIVERGENCES.parameters(divergence)},
+                      sort_keys=True, default=str)
+
+
 def _run_cell(cell):
     import torch
 
+    from raypo.reports.schema import trial_row
     from raypo.train.run import run_trial
 
     torch.set_num_threads(1)
     setting, kernel, divergence, seed = cell
     cfg = setting_config(setting, kernel, divergence, seed)
-    row, history = run_trial(cfg, f"{setting}/{kernel}/{divergence}/{seed}", log=lambda m: None)
+    result, history = run_trial(cfg, f"{setting}/{kernel}/{divergence}/{seed}",
+                                log=lambda m: None)
+    row = trial_row(cfg, result)
     keep = {k: v for k, v in row.items() if isinstance(v, int | float | str | None)}
     for h in history:  # the intermediate evaluations, for studying short probes
         keep[f"true_reward@{h['step']}"] = h.get("true_reward")
-    return {"setting": setting, "kernel": kernel, "divergence": divergence, "seed": seed,
-            **keep}
+    return {**keep, "setting": setting, "kernel": kernel, "divergence": divergence,
+            "seed": seed, "defaults": candidate_defaults(kernel, divergence)}
 
 
 def run_grid(settings, concurrency: int) -> None:
@@ -108,6 +122,15 @@ def run_grid(settings, concurrency: int) -> None:
 
     path = OUT / "grid.parquet"
     done = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if not done.empty:  # rows computed under other candidate defaults are run again
+        current = [candidate_defaults(k, d) for k, d in zip(done["kernel"], done["divergence"],
+                                                            strict=True)]
+        stale = done.get("defaults", pd.Series(None, index=done.index)) != pd.Series(
+            current, index=done.index)
+        if stale.any():
+            print(f"grid: {int(stale.sum())} runs on disk used other candidate defaults: "
+                  "running them again", file=sys.stderr, flush=True)
+        done = done[~stale]
     seen = set() if done.empty else set(zip(done["setting"], done["kernel"],
                                             done["divergence"], done["seed"], strict=True))
     todo = [c for c in grid_cells(settings) if c not in seen]
