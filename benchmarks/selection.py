@@ -160,6 +160,220 @@ def run_grid(settings, concurrency: int) -> None:
     ray.shutdown()
 
 
+# ---------------------------------------------------------------------------- the report
+
+
+def observed(grid, setting: str):
+    """Per pair of `setting`: the seed-mean objective and the seeds' values."""
+    d = grid[grid["setting"] == setting]
+    groups = d.groupby(["kernel", "divergence"])["true_reward"]
+    return groups.mean(), [g.to_numpy() for _, g in groups]
+
+
+def setting_metrics(setting: str):
+    """The zero-cost selection metrics of `setting` (its reference model and data), one row
+    per pair, from raypo's own evidence path."""
+    from raypo.search.evidence import collect_evidence, evidence_metrics
+
+    evidence = collect_evidence(setting_config(setting), log=lambda m: None)
+    return evidence_metrics(evidence)
+
+
+def features(setting: str, metrics) -> dict[tuple[str, str], list[float]]:
+    """The fitted rule's features of each pair (see FEATURES)."""
+    import math
+
+    k_metrics, d_metrics = metrics
+    cfg = setting_config(setting)
+    gamma = float(cfg.loss.params.get("gamma", 0.1))
+    out = {}
+    for k, km in k_metrics.items():
+        for d, dm in d_metrics.items():
+            out[(k, d)] = [2 * km["accuracy"] - 1, math.tanh(km["snr"]),
+                           math.tanh(gamma * km["margin_std"] / 2),
+                           math.log(max(dm["strength"], 1e-12))]
+    return out
+
+
+FEATURES = ("2 accuracy - 1", "tanh(snr)", "tanh(gamma margin_std / 2)", "log strength")
+
+
+def _zscore(values):
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return (v - v.mean()) / (v.std() or 1.0)
+
+
+def fit_weights(grid, settings, all_features):
+    """Least squares of the within-setting z-scored seed-mean objective on the within-setting
+    z-scored features, over `settings` (never the one scored)."""
+    import numpy as np
+
+    xs, ys = [], []
+    for s in settings:
+        means, _ = observed(grid, s)
+        pairs = list(means.index)
+        x = np.array([all_features[s][p] for p in pairs])
+        xs.append(np.column_stack([_zscore(c) for c in x.T]))
+        ys.append(_zscore(means.to_numpy()))
+    weights, *_ = np.linalg.lstsq(np.vstack(xs), np.concatenate(ys), rcond=None)
+    return weights
+
+
+def score_ranking(scores: dict, means) -> dict[str, float]:
+    """Spearman with the observed seed-mean ranking, and where the top picks finished."""
+    from scipy import stats
+
+    pairs = list(means.index)
+    predicted = [scores[p] for p in pairs]
+    observed_rank = means.rank(ascending=False, method="min")
+    order = sorted(pairs, key=lambda p: -scores[p])
+    return {"spearman": float(stats.spearmanr(predicted, means.to_numpy()).statistic),
+            "top1_rank": float(observed_rank[order[0]]),
+            "top3_ranks": [int(observed_rank[p]) for p in order[:3]]}
+
+
+def random_baseline(means, n: int = 5000, seed: int = 0) -> dict[str, float]:
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    obs = means.to_numpy()
+    ranks = means.rank(ascending=False, method="min").to_numpy()
+    rho, top1, top3 = [], [], []
+    for _ in range(n):
+        perm = rng.permutation(len(obs))
+        rho.append(stats.spearmanr(perm, obs).statistic)
+        top1.append(ranks[np.argmax(perm)])
+        top3.append(min(ranks[np.argsort(-perm)[:3]]) <= 3)
+    return {"spearman": float(np.mean(rho)), "top1_rank": float(np.mean(top1)),
+            "p_spearman_0.6": float(np.mean(np.array(rho) >= 0.6)),
+            "p_top1_in_top3": float(np.mean(np.array(top1) <= 3))}
+
+
+def report(path: Path, settings) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from raypo.reports.stats import one_way
+    from raypo.selection.rule import rank_pairs
+
+    grid = pd.read_parquet(path)
+    settings = [s for s in settings if (grid["setting"] == s).sum() == len(grid_cells([s]))]
+    metrics = {s: setting_metrics(s) for s in settings}
+    all_features = {s: features(s, metrics[s]) for s in settings}
+    results = {}
+    print(f"{len(grid)} runs; {len(SEEDS)} seeds per pair; settings: {', '.join(settings)}\n")
+    for s in settings:
+        means, groups = observed(grid, s)
+        effect = one_way(groups)
+        cfg = setting_config(s)
+        zero_cost = rank_pairs(*metrics[s], gamma=0.1)
+        at_gamma = rank_pairs(*metrics[s], gamma=float(cfg.loss.params.get("gamma", 0.1)))
+        rules = {
+            "metrics (gamma 0.1)": {(r.kernel, r.divergence): -r.predicted_rank
+                                    for r in zero_cost.itertuples()},
+            "metrics (space's gamma)": {(r.kernel, r.divergence): -r.predicted_rank
+                                        for r in at_gamma.itertuples()},
+        }
+        others = [o for o in settings if o != s]
+        weights = fit_weights(grid, others, all_features)
+        x = np.array([all_features[s][p] for p in means.index])
+        z = np.column_stack([_zscore(c) for c in x.T])
+        rules["fitted (leave-one-setting-out)"] = dict(zip(means.index, z @ weights,
+                                                           strict=True))
+        scored = {name: score_ranking(sc, means) for name, sc in rules.items()}
+        scored["random (expected)"] = random_baseline(means)
+        results[s] = {"anova_F": effect["F"], "anova_p": effect["p"], "icc": effect["icc"],
+                      "rules": scored, "weights": weights.tolist(),
+                      "best_observed": list(means.idxmax()),
+                      "spread": float(means.max() - means.min())}
+        print(f"== {s}: pair effect F {effect['F']:.2f}, p {effect['p']:.2g}, ICC "
+              f"{effect['icc']:.2f}; seed-mean objective {means.min():.3f}..{means.max():.3f},"
+              f" best {means.idxmax()}")
+        for name, r in scored.items():
+            extra = (f", top-3 finished {r['top3_ranks']}" if "top3_ranks" in r else
+                     f", P(Spearman >= 0.6) {r['p_spearman_0.6']:.3f}, P(top-1 in top 3) "
+                     f"{r['p_top1_in_top3']:.3f}")
+            print(f"  {name:32s} Spearman {r['spearman']:+.2f}, top-1 finished "
+                  f"{r['top1_rank']:.1f} of {len(means)}{extra}")
+        print("  fitted weights (" + ", ".join(f"{f} {w:+.2f}" for f, w in
+                                               zip(FEATURES, weights, strict=True)) + ")")
+    if "graded" in settings:
+        results["warm_start"] = warm_start_effect(grid, metrics["graded"], all_features,
+                                                  settings)
+    out = path.parent / "report.json"
+    from raypo.reports.writer import write_json_atomic
+
+    write_json_atomic(out, results)
+    print(f"\nwritten: {out}")
+    return results
+
+
+def warm_start_effect(grid, graded_metrics, all_features, settings, sampler_seeds=40,
+                      budget: int = 12) -> dict:
+    """What the warm start buys on the quickstart space's choices (4 kernels x kl, js,
+    hellinger, on the graded task): TPE picks pairs, each trial's objective is one of that
+    pair's grid runs (drawn at random), and we count the trials until a pair of the grid's
+    observed top 3 (among those 12) is tried; with and without the rule's top 3 enqueued
+    first (the rule fitted without the graded setting), over many sampler seeds."""
+    import numpy as np
+    import optuna
+    import yaml
+
+    space = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml")
+                           .read_text())
+    kernels, divergences = space["loss"]["kernel"]["choice"], space["loss"]["divergence"][
+        "choice"]
+    d = grid[(grid["setting"] == "graded") & grid["kernel"].isin(kernels)
+             & grid["divergence"].isin(divergences)]
+    runs = {key: g["true_reward"].to_numpy() for key, g in d.groupby(["kernel", "divergence"])}
+    means = d.groupby(["kernel", "divergence"])["true_reward"].mean()
+    top3 = set(means.sort_values(ascending=False).index[:3])
+    weights = fit_weights(grid, [s for s in settings if s != "graded"], all_features)
+    pairs = list(runs)
+    x = np.array([all_features["graded"][p] for p in pairs])
+    z = np.column_stack([_zscore(c) for c in x.T]) @ weights
+    predicted = [p for _, p in sorted(zip(-z, pairs, strict=True))][:3]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def trials_to_top3(seed: int, warm: bool) -> int:
+        rng = np.random.default_rng(seed)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        if warm:
+            for k, dv in predicted:
+                study.enqueue_trial({"kernel": k, "divergence": dv})
+        for n in range(1, budget + 1):
+            trial = study.ask()
+            pair = (trial.suggest_categorical("kernel", kernels),
+                    trial.suggest_categorical("divergence", divergences))
+            study.tell(trial, float(rng.choice(runs[pair])))
+            if pair in top3:
+                return n
+        return budget + 1  # not within the budget
+
+    out = {}
+    for warm in (False, True):
+        counts = np.array([trials_to_top3(s, warm) for s in range(sampler_seeds)])
+        out["with warm start" if warm else "without"] = {
+            "median": float(np.median(counts)), "mean": float(counts.mean()),
+            "share_within_3": float((counts <= 3).mean()),
+            "share_not_within_budget": float((counts > budget).mean())}
+    out["predicted_top3"] = [list(p) for p in predicted]
+    out["observed_top3"] = [list(p) for p in sorted(top3)]
+    print(f"\n== warm start on the quickstart's 12 pairs (graded grid outcomes, "
+          f"{sampler_seeds} TPE seeds, budget {budget}): rule's top 3 {predicted}, "
+          f"observed top 3 {sorted(top3)}")
+    for key in ("without", "with warm start"):
+        r = out[key]
+        print(f"  {key:16s} trials to reach an observed top-3 pair: median {r['median']:.0f}, "
+              f"mean {r['mean']:.2f}; within 3 trials {r['share_within_3']:.0%}, not within "
+              f"{budget}: {r['share_not_within_budget']:.0%}")
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["grid", "report", "all"], nargs="?", default="all")
@@ -169,8 +383,6 @@ def main(argv=None) -> None:
     if args.what in ("grid", "all"):
         run_grid(args.settings, args.concurrency)
     if args.what in ("report", "all"):
-        from benchmarks.selection_report import report  # noqa: PLC0415
-
         report(OUT / "grid.parquet", args.settings)
 
 

@@ -88,12 +88,12 @@ def _value(metrics: dict[str, float], key: str, owner: str) -> float:
     return NEUTRAL[key] if math.isnan(value) else value
 
 
-def kernel_score(metrics: dict[str, float], name: str = "kernel") -> float:
-    """S_k = (2 accuracy - 1) + tanh(snr) - tanh(GAMMA margin_std / 2) (module docstring)."""
+def kernel_score(metrics: dict[str, float], name: str = "kernel", gamma: float = GAMMA) -> float:
+    """S_k = (2 accuracy - 1) + tanh(snr) - tanh(gamma margin_std / 2) (module docstring)."""
     accuracy = _value(metrics, "accuracy", name)
     snr = _value(metrics, "snr", name)
     spread = _value(metrics, "margin_std", name)
-    return (2.0 * accuracy - 1.0) + math.tanh(snr) - math.tanh(GAMMA * spread / 2.0)
+    return (2.0 * accuracy - 1.0) + math.tanh(snr) - math.tanh(gamma * spread / 2.0)
 
 
 def tail_heaviness(kurtosis: float, tail_mass: float) -> float:
@@ -118,7 +118,8 @@ def _order(name: str, names: tuple[str, ...]) -> tuple[int, str]:
 
 
 def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
-               divergence_metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
+               divergence_metrics: dict[str, dict[str, float]],
+               gamma: float = GAMMA) -> pd.DataFrame:
     """One row per (kernel, divergence) pair, sorted by `predicted_rank` (1 = best).
 
     Columns: `kernel`, `divergence`, `predicted_rank` (int), `score` (S_k + S_d),
@@ -131,7 +132,7 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
         raise ValueError("rank_pairs: need metrics for at least one kernel and one divergence")
     for name in kernel_metrics:
         KERNELS.get_class(name)  # an unknown kernel name fails here, listing the known ones
-    k_scores = {k: kernel_score(m, k) for k, m in kernel_metrics.items()}
+    k_scores = {k: kernel_score(m, k, gamma) for k, m in kernel_metrics.items()}
     d_scores = {d: divergence_score(m, d) for d, m in divergence_metrics.items()}
     rows = []
     for k, k_m in kernel_metrics.items():
