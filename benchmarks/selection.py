@@ -179,23 +179,47 @@ def setting_metrics(setting: str):
     return evidence_metrics(evidence)
 
 
-def features(setting: str, metrics) -> dict[tuple[str, str], list[float]]:
-    """The fitted rule's features of each pair (see FEATURES)."""
+def previous_rule(metrics) -> dict[tuple[str, str], float]:
+    """The hand-made rule raypo shipped before this benchmark (kept here to be measured):
+    S = (2 acc - 1) + tanh(snr) - tanh(0.1 margin_std / 2) + (2b - 1)(2T - 1) - s (1 - c)
+    + D (g - (1 - b) / 2) - (1 - b)(1 - H) / 2, with T the tail heaviness of the per-token
+    log-ratios, (b, s, g) the divergence's profile, c coverage, H entropy, D drift."""
     import math
 
+    from raypo.selection.rule import profile
+
+    def heaviness(kurt, tail):
+        return 0.5 * ((1 - 3 / max(kurt, 3.0)) + (tail / (tail + 0.046) if tail > 0 else 0))
+
     k_metrics, d_metrics = metrics
-    cfg = setting_config(setting)
-    gamma = float(cfg.loss.params.get("gamma", 0.1))
     out = {}
     for k, km in k_metrics.items():
+        sk = (2 * km["accuracy"] - 1) + math.tanh(km["snr"]) - math.tanh(0.1 * km["margin_std"]
+                                                                         / 2)
         for d, dm in d_metrics.items():
-            out[(k, d)] = [2 * km["accuracy"] - 1, math.tanh(km["snr"]),
-                           math.tanh(gamma * km["margin_std"] / 2),
-                           math.log(max(dm["strength"], 1e-12))]
+            b, sup, g = profile(d)
+            t = heaviness(dm["kurtosis"], dm["tail_mass"])
+            sd = ((2 * b - 1) * (2 * t - 1) - sup * (1 - dm["coverage"])
+                  + dm["drift"] * (g - (1 - b) / 2) - (1 - b) * (1 - dm["entropy"]) / 2)
+            out[(k, d)] = sk + sd
     return out
 
 
-FEATURES = ("2 accuracy - 1", "tanh(snr)", "tanh(gamma margin_std / 2)", "log strength")
+def features(setting: str, metrics) -> dict[tuple[str, str], dict[str, float]]:
+    """Per pair, the candidate features of a fitted rule (raypo.selection.rule.features)."""
+    from raypo.selection.rule import features as rule_features
+
+    cfg = setting_config(setting)
+    return rule_features(*metrics, gamma=float(cfg.loss.params.get("gamma", 0.1)))
+
+
+# Feature sets compared (each fitted leave-one-setting-out); the rule ships the first.
+FEATURE_SETS = {
+    "saturation + strength": ("saturation", "strength"),
+    "+ accuracy": ("saturation", "strength", "accuracy"),
+    "+ accuracy, snr, boundedness": ("saturation", "strength", "accuracy", "snr",
+                                     "boundedness"),
+}
 
 
 def _zscore(values):
@@ -205,17 +229,22 @@ def _zscore(values):
     return (v - v.mean()) / (v.std() or 1.0)
 
 
-def fit_weights(grid, settings, all_features):
+def _matrix(all_features, setting, pairs, names):
+    import numpy as np
+
+    x = np.array([[all_features[setting][p][n] for n in names] for p in pairs])
+    return np.column_stack([_zscore(c) for c in x.T])
+
+
+def fit_weights(grid, settings, all_features, names):
     """Least squares of the within-setting z-scored seed-mean objective on the within-setting
-    z-scored features, over `settings` (never the one scored)."""
+    z-scored features `names`, over `settings` (never the one scored)."""
     import numpy as np
 
     xs, ys = [], []
     for s in settings:
         means, _ = observed(grid, s)
-        pairs = list(means.index)
-        x = np.array([all_features[s][p] for p in pairs])
-        xs.append(np.column_stack([_zscore(c) for c in x.T]))
+        xs.append(_matrix(all_features, s, list(means.index), names))
         ys.append(_zscore(means.to_numpy()))
     weights, *_ = np.linalg.lstsq(np.vstack(xs), np.concatenate(ys), rcond=None)
     return weights
@@ -257,7 +286,6 @@ def report(path: Path, settings) -> dict:
     import pandas as pd
 
     from raypo.reports.stats import one_way
-    from raypo.selection.rule import rank_pairs
 
     grid = pd.read_parquet(path)
     settings = [s for s in settings if (grid["setting"] == s).sum() == len(grid_cells([s]))]
@@ -268,25 +296,18 @@ def report(path: Path, settings) -> dict:
     for s in settings:
         means, groups = observed(grid, s)
         effect = one_way(groups)
-        cfg = setting_config(s)
-        zero_cost = rank_pairs(*metrics[s], gamma=0.1)
-        at_gamma = rank_pairs(*metrics[s], gamma=float(cfg.loss.params.get("gamma", 0.1)))
-        rules = {
-            "metrics (gamma 0.1)": {(r.kernel, r.divergence): -r.predicted_rank
-                                    for r in zero_cost.itertuples()},
-            "metrics (space's gamma)": {(r.kernel, r.divergence): -r.predicted_rank
-                                        for r in at_gamma.itertuples()},
-        }
+        rules = {"previous rule (hand-made)": previous_rule(metrics[s])}
         others = [o for o in settings if o != s]
-        weights = fit_weights(grid, others, all_features)
-        x = np.array([all_features[s][p] for p in means.index])
-        z = np.column_stack([_zscore(c) for c in x.T])
-        rules["fitted (leave-one-setting-out)"] = dict(zip(means.index, z @ weights,
-                                                           strict=True))
+        fitted = {}
+        for label, names in FEATURE_SETS.items():
+            weights = fit_weights(grid, others, all_features, names)
+            z = _matrix(all_features, s, list(means.index), names) @ weights
+            rules[f"fitted LOSO: {label}"] = dict(zip(means.index, z, strict=True))
+            fitted[label] = dict(zip(names, weights.tolist(), strict=True))
         scored = {name: score_ranking(sc, means) for name, sc in rules.items()}
         scored["random (expected)"] = random_baseline(means)
         results[s] = {"anova_F": effect["F"], "anova_p": effect["p"], "icc": effect["icc"],
-                      "rules": scored, "weights": weights.tolist(),
+                      "rules": scored, "weights": fitted,
                       "best_observed": list(means.idxmax()),
                       "spread": float(means.max() - means.min())}
         print(f"== {s}: pair effect F {effect['F']:.2f}, p {effect['p']:.2g}, ICC "
@@ -298,8 +319,21 @@ def report(path: Path, settings) -> dict:
                      f"{r['p_top1_in_top3']:.3f}")
             print(f"  {name:32s} Spearman {r['spearman']:+.2f}, top-1 finished "
                   f"{r['top1_rank']:.1f} of {len(means)}{extra}")
-        print("  fitted weights (" + ", ".join(f"{f} {w:+.2f}" for f, w in
-                                               zip(FEATURES, weights, strict=True)) + ")")
+        first = next(iter(FEATURE_SETS))
+        print(f"  weights of '{first}' fitted on the others: "
+              + ", ".join(f"{f} {w:+.2f}" for f, w in fitted[first].items()))
+    names = next(iter(FEATURE_SETS.values()))
+    weights = fit_weights(grid, settings, all_features, names)
+    residuals = []
+    for s in settings:
+        means, _ = observed(grid, s)
+        z = _matrix(all_features, s, list(means.index), names) @ weights
+        residuals.extend(_zscore(means.to_numpy()) - z)
+    results["shipped"] = {"features": list(names), "weights": weights.tolist(),
+                          "residual_sd": float(np.std(residuals))}
+    print(f"\nweights on all {len(settings)} settings (what raypo.selection.rule ships): "
+          + ", ".join(f"{n} {w:+.3f}" for n, w in zip(names, weights, strict=True))
+          + f"; residual sd {np.std(residuals):.3f} (z units)")
     if "graded" in settings:
         results["warm_start"] = warm_start_effect(grid, metrics["graded"], all_features,
                                                   settings)
@@ -331,10 +365,10 @@ def warm_start_effect(grid, graded_metrics, all_features, settings, sampler_seed
     runs = {key: g["true_reward"].to_numpy() for key, g in d.groupby(["kernel", "divergence"])}
     means = d.groupby(["kernel", "divergence"])["true_reward"].mean()
     top3 = set(means.sort_values(ascending=False).index[:3])
-    weights = fit_weights(grid, [s for s in settings if s != "graded"], all_features)
+    names = next(iter(FEATURE_SETS.values()))
+    weights = fit_weights(grid, [s for s in settings if s != "graded"], all_features, names)
     pairs = list(runs)
-    x = np.array([all_features["graded"][p] for p in pairs])
-    z = np.column_stack([_zscore(c) for c in x.T]) @ weights
+    z = _matrix(all_features, "graded", pairs, names) @ weights
     predicted = [p for _, p in sorted(zip(-z, pairs, strict=True))][:3]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

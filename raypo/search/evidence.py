@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from raypo.data.builtin import preference_pairs
 from raypo.data.preference import data_fingerprint, load_preferences
-from raypo.losses import TopKLogits
+from raypo.losses import LOSSES, TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
 from raypo.selection.rule import rank_pairs
@@ -173,17 +173,33 @@ def evidence_metrics(evidence: Evidence) -> tuple[dict, dict]:
     return k_metrics, d_metrics
 
 
-def selection_table(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> pd.DataFrame:
+def selection_table(cfg: TrainConfig, *, max_pairs: int = 512, gamma: float | None = None,
+                    log=print) -> pd.DataFrame:
     """One row per kernel-divergence pair (28), sorted by `predicted_rank` (1 = best): the
     columns of raypo.selection.rule.rank_pairs (kernel, divergence, predicted_rank, score,
-    kernel_* and divergence_* metrics), plus `model`, `data` and `metric_pairs` (how many
-    pairs the metrics saw)."""
+    confidence, kernel_* and divergence_* metrics), plus `model`, `data` and `metric_pairs`
+    (how many pairs the metrics saw). `gamma`: the weight of the kernel margin the search
+    trains with (default: the config's loss's, or the rule's default)."""
     evidence = collect_evidence(cfg, max_pairs=max_pairs, log=log)
-    table = rank_pairs(*evidence_metrics(evidence))
+    if gamma is None:
+        gamma = kernel_weight(cfg.loss.name, cfg.loss.params)
+    table = rank_pairs(*evidence_metrics(evidence), **({} if gamma is None else
+                                                        {"gamma": gamma}))
     table["model"] = evidence.model
     table["data"] = evidence.data
     table["metric_pairs"] = evidence.pairs
     return table
+
+
+def kernel_weight(loss: str, params: dict) -> float | None:
+    """The weight of the kernel margin a loss built with `params` uses, for a loss that
+    declares one (`kernel_weight_param`); None otherwise."""
+    cls = LOSSES.get_class(loss)
+    name = cls.kernel_weight_param
+    if name is None:
+        return None
+    value = params.get(name, LOSSES.parameters(loss).get(name))
+    return float(value) if isinstance(value, int | float) else None
 
 
 def describe(table: pd.DataFrame) -> str:
@@ -196,6 +212,7 @@ def describe(table: pd.DataFrame) -> str:
             "score", ascending=False)
 
     ranking = table[["predicted_rank", "kernel", "divergence", "score"]]
+    confidence = table["confidence"].iloc[0] if "confidence" in table else float("nan")
     head = f"model {table['model'].iloc[0]}, data {table['data'].iloc[0]}"
     if "metric_pairs" in table:
         head += f", {int(table['metric_pairs'].iloc[0])} pairs"
@@ -205,7 +222,9 @@ def describe(table: pd.DataFrame) -> str:
             head,
             "kernel metrics:\n" + block("kernel_", "kernel").to_string(),
             "divergence metrics:\n" + block("divergence_", "divergence").to_string(),
-            "ranking (1 = predicted best):\n" + ranking.to_string(index=False),
+            f"ranking (1 = predicted best; confidence that the top pick beats the 4th: "
+            f"{confidence:.2f}, a prior: docs/selection.md):\n"
+            + ranking.to_string(index=False),
         ])
 
 

@@ -93,10 +93,38 @@ def selection_evidence(space: SearchSpace, directory: Path, log=_log):
 
         cfg = space.config(space.representative_values()[0])
         log("selection metrics: computing on the reference model (no training)")
-        table = selection_table(cfg, max_pairs=space.settings.selection.max_pairs, log=log)
+        table = selection_table(cfg, max_pairs=space.settings.selection.max_pairs,
+                                gamma=space_kernel_weight(space), log=log)
         table.insert(0, "search", space.name)
         write_parquet_atomic(path, table)
     return {(r.kernel, r.divergence): int(r.predicted_rank) for r in table.itertuples()}
+
+
+def space_kernel_weight(space: SearchSpace) -> float | None:
+    """The kernel-margin weight the space's ranked loss trains with: its fixed value, or the
+    middle of its searched range (geometric for a log range), or of its choices."""
+    import math
+    import statistics
+
+    from raypo.losses import LOSSES
+    from raypo.search.evidence import kernel_weight
+
+    ranked = [n for n in space.loss_names if n in LOSSES and LOSSES.get_class(n).selection_params]
+    if not ranked:
+        return None
+    name = LOSSES.get_class(ranked[0]).kernel_weight_param
+    param = space.param_at(("loss", name), ranked[0]) if name else None
+    if param is None:
+        values = next((v for v in space.representative_values()
+                       if space.config(v).loss.name == ranked[0]), {})
+        cfg = space.config(values)
+        return kernel_weight(cfg.loss.name, cfg.loss.params)
+    if param.kind in ("choice", "value"):
+        numbers = [float(c) for c in param.choices if isinstance(c, int | float)]
+        return statistics.median(numbers) if numbers else None
+    if param.log:
+        return math.sqrt(param.low * param.high)
+    return (param.low + param.high) / 2
 
 
 def warm_start_points(space: SearchSpace, ranks: dict) -> list[dict]:
