@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypo.data.checks import drop_ties, warn_ties
 from raypo.data.errors import DataError
 from raypo.data.formats import COLUMNS, Format, normalize_rows
 
@@ -37,19 +39,24 @@ def load_preferences(source: str | Path) -> datasets.Dataset:
     file, a folder of such files (one kind; read in name order; other files are ignored), or
     else a hub dataset name, loaded with `datasets.load_dataset(name, split="train")`.
     Rows are in standard text or conversational format (see `raypo.data.formats`); implicit
-    prompts are made explicit. Raises `DataError` naming the file, column and row of a bad value.
+    prompts are made explicit. Pairs whose chosen equals rejected are left out with one
+    `DataWarning` naming their rows (raypo.data.checks). Raises `DataError` naming the file,
+    column and row of a bad value.
     `result._fingerprint == data_fingerprint(source)`.
     """
     path = Path(source).expanduser()
     if not path.exists():
         hub = _load_hub(str(source))
         fmt, columns = normalize_rows(hub.to_list(), hub.column_names, str(source))
+        columns, ties = drop_ties(columns, str(source))
+        warn_ties({str(source): ties})
         return _dataset(fmt, columns, hub._fingerprint)
 
     files = _data_files(path)
     fmt: Format | None = None
     merged: dict[str, list] = {c: [] for c in COLUMNS}
     digests = []
+    ties: dict[str, list[int]] = {}
     for file in files:
         data = file.read_bytes()
         digests.append(hashlib.sha256(data).hexdigest())
@@ -64,10 +71,12 @@ def load_preferences(source: str | Path) -> datasets.Dataset:
                 f"a folder must hold one format",
             )
         fmt = file_fmt
+        columns, ties[str(file)] = drop_ties(columns, str(file))
         for c in COLUMNS:
             merged[c].extend(columns[c])
     if fmt is None:
         raise DataError.at(path, None, None, "the dataset has no rows (every file is empty)")
+    warn_ties(ties)
     return _dataset(fmt, merged, _combine(path, files, digests))
 
 
@@ -126,9 +135,17 @@ def _data_files(path: Path) -> list[Path]:
 def _parse(data: bytes, file: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of one file and its columns (ordered as first seen)."""
     if file.suffix == ".parquet":
-        table = pq.read_table(io.BytesIO(data))
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError.at(file, None, None, f"not a readable Parquet file: {e}") from None
         return table.to_pylist(), table.column_names
-    text = data.decode("utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError.at(file, None, None, f"line {line}: not UTF-8 text (byte "
+                           f"0x{data[e.start]:02x}); JSON files must be UTF-8") from None
     if file.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):

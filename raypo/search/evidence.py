@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from pydantic import ValidationError
 
 from raypo.data.builtin import preference_pairs
@@ -29,7 +28,13 @@ from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
 from raypo.selection.rule import rank_pairs
 from raypo.train.base_model import fit_base_model
-from raypo.train.config import ConfigError, TrainConfig, format_validation_error
+from raypo.train.config import (
+    ConfigError,
+    TrainConfig,
+    format_validation_error,
+    read_yaml_mapping,
+    set_dotted,
+)
 from raypo.train.reference import ReferenceOutputs
 from raypo.train.setup import _reference, _tokenize, resolve_device, task_spec
 
@@ -75,22 +80,10 @@ def metrics_config(path: str | Path | None, *, model: str | None = None,
     source = str(path) if path is not None else "<config>"
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such file")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+        loaded = read_yaml_mapping(path)
         tree = {k: v for k, v in (_fixed(loaded) or {}).items() if k in RELEVANT_KEYS}
     for dotted, value in (overrides or {}).items():
-        node = tree
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(tree, dotted, value)
     if model is not None:
         tree["model"] = model
     if data is not None:

@@ -18,6 +18,7 @@ from ray import tune
 
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
+from raypo.search import interrupt
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 from raypo.train.run import hyperparameters
@@ -78,11 +79,14 @@ class ReportRecorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    error=_error_text(trial), number=trial_number(trial))
+                    error=_error_text(trial), number=trial_number(trial),
+                    status="interrupted" if interrupt.requested() else None)
 
     # -- rows ---------------------------------------------------------------------------------
     def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
-               number: int = -1) -> dict:
+               number: int = -1, status: str | None = None) -> dict:
+        """`status` replaces pruned/failed for a trial without its final report
+        (interrupted: a signal stopped the search while it ran)."""
         if FINAL in last and error is None:
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
@@ -91,7 +95,7 @@ class ReportRecorder(tune.Callback):
             # a metric named like a hyperparameter (the last `loss`) becomes final_loss
             row.update({f"final_{k}" if k in row else k: v for k, v in last.items()
                         if k not in TUNE_KEYS})
-            row["status"] = "failed" if error else "pruned"
+            row["status"] = status or ("failed" if error else "pruned")
             row["error"] = error
             steps = self._steps.get(trial_id, [])
         row = self._complete(row, config, number)

@@ -22,13 +22,16 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from raypo.data.cache import cache_root
-from raypo.reports.writer import write_json_atomic, write_parquet_atomic
+from raypo.reports.writer import ReportWriteError, write_json_atomic, write_parquet_atomic
+from raypo.search.checks import check_objectives, check_resources
+from raypo.search.interrupt import Interrupted, Interrupts, resume_command
 from raypo.search.recorder import ReportRecorder
 from raypo.search.space import SearchSpace, SpaceError
 from raypo.search.trial import search_trial
@@ -57,18 +60,25 @@ def cache_key(cfg: TrainConfig) -> str:
         "lora": cfg.lora}, sort_keys=True, default=str)
 
 
-def warm_caches(space: SearchSpace, log=_log) -> int:
-    """Compute every cache the trials will read, once, here; returns how many set-ups ran."""
+def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> int:
+    """Compute every cache the trials will read, once, here; returns how many set-ups ran.
+    `reported` gains the metrics the trials will report (raypo.train.reported)."""
+    from raypo.train.reported import reported_metrics
     from raypo.train.setup import prepare
 
-    configs = {}
+    configs, every = {}, []
     for values in space.representative_values():
         cfg = space.config(values)
         configs.setdefault(cache_key(cfg), cfg)
-    for i, cfg in enumerate(configs.values(), 1):
+        every.append(cfg)
+    setups = {}
+    for i, (key, cfg) in enumerate(configs.items(), 1):
         log(f"shared caches {i}/{len(configs)}: {cfg.loss.name} on "
             f"{cfg.data or 'builtin:' + cfg.task.variant}")
-        prepare(cfg, log=log)
+        setups[key] = prepare(cfg, log=log)
+    if reported is not None:
+        for cfg in {repr(c.loss.model_dump()): c for c in every}.values():
+            reported |= reported_metrics(setups[cache_key(cfg)], cfg)
     return len(configs)
 
 
@@ -191,7 +201,10 @@ def _start_ray(space: SearchSpace, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # loopback only: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set by the CLI before Ray
+        # is imported) every Ray server of a local instance listens on 127.0.0.1
         ray.init(address="local", runtime_env=runtime_env, log_to_driver=False,
+                 _node_ip_address="127.0.0.1",
                  resources={"TRAIN_DRIVER": space.settings.budget.concurrency})
 
 
@@ -218,7 +231,9 @@ def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
 
 def shared_work(space: SearchSpace, directory: Path, log=_log) -> dict:
     """Caches, then selection evidence; returns the predicted ranks of the pairs."""
-    warm_caches(space, log=log)
+    reported: set[str] = set()
+    warm_caches(space, log=log, reported=reported)
+    check_objectives(space, reported)  # before any trial: a misspelt metric is an error
     if space.settings.selection.enabled and _ranked_losses(space):
         return selection_evidence(space, directory, log=log)
     return {}
@@ -239,7 +254,15 @@ def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
 
 def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: str | None
                = None, resume: bool = False, log=_log) -> Path:
-    """Run (or resume) the search; returns the report folder."""
+    """Run (or resume) the search; returns the report folder. Raises Interrupted after
+    SIGINT/SIGTERM (the unfinished trials recorded as interrupted, search.json incomplete)
+    and ReportWriteError when the report cannot be written (the tables as they were)."""
+    with Interrupts() as interrupts:
+        return _run_search(space, reports=reports, address=address, resume=resume, log=log,
+                           interrupts=interrupts)
+
+
+def _run_search(space: SearchSpace, *, reports, address, resume, log, interrupts) -> Path:
     from ray import tune
 
     directory = (Path(reports) / space.name).resolve()
@@ -255,10 +278,12 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     gpus = space.settings.resources.gpus
     if gpus:
         _start_ray(space, address)
+        _check_cluster(space, address, log)
         ranks = _remote_shared_work(space, directory, log)
     else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
         ranks = shared_work(space, directory, log)
         _start_ray(space, address)
+        _check_cluster(space, address, log)
     import ray
 
     resources = ray.cluster_resources()
@@ -266,7 +291,8 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         raise SpaceError(f"{space.source}: resources.workers > 1 needs a TRAIN_DRIVER "
                          "resource on the cluster (see cluster.yaml)")
     extra = {"address": address or "local", "cluster_resources": resources,
-             "cache": str(cache_root().resolve())}
+             "cache": str(cache_root().resolve()),
+             "resume": resume_command(space, Path(reports), address)}
     write_json_atomic(directory / "search.json", _meta(space, "running", started, extra))
     recorder = ReportRecorder(str(directory), space.name, space, ranks,
                               total=space.settings.budget.trials)
@@ -277,15 +303,38 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = _tuner(space, trainable, recorder, directory, ranks)
-    results = tuner.fit()
-    _reconcile(results, recorder)
-    # Ctrl-C (Tune saves its state and returns) or the time limit: say so, and how to go on
-    done = len(recorder.writer.trials)
-    status = "finished" if done >= planned_trials(space) else "incomplete"
-    if status == "incomplete":
-        log(f"{done} of {planned_trials(space)} trials ended; continue with --resume")
+    try:
+        with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
+            results = tuner.fit()
+    except ReportWriteError as e:  # a full disk, a folder gone read-only: stop, say how on
+        raise ReportWriteError(f"{e}; the search stopped; the tables on disk hold the "
+                               f"{len(recorder.writer.trials)} trials recorded before; free "
+                               f"space, then continue with: {extra['resume']}", e.errno
+                               ) from None
+    _reconcile(results, recorder, interrupted=interrupts.signum is not None)
+    # interrupted, or the time limit: say so, and how to go on
+    trials = recorder.writer.trials
+    done = int((trials["status"] != "interrupted").sum()) if len(trials) else 0
+    status = ("finished" if done >= planned_trials(space) and interrupts.signum is None
+              else "incomplete")
+    if interrupts.signum is not None:
+        extra["interrupted_by"] = signal.Signals(interrupts.signum).name
     write_json_atomic(directory / "search.json", _meta(space, status, started, extra))
+    if interrupts.signum is not None:
+        raise Interrupted(interrupts.signum, f"interrupted by {extra['interrupted_by']}: "
+                          f"{done} of {planned_trials(space)} trials ended, "
+                          f"{len(trials) - done} interrupted; {directory}/search.json says "
+                          f"incomplete; continue with: {extra['resume']}")
+    if status == "incomplete":
+        log(f"{done} of {planned_trials(space)} trials ended; continue with: "
+            f"{extra['resume']}")
     return directory
+
+
+def _check_cluster(space: SearchSpace, address: str | None, log) -> None:
+    import ray
+
+    check_resources(space, ray.cluster_resources(), local=address is None, log=log)
 
 
 def planned_trials(space: SearchSpace) -> int:
@@ -319,8 +368,9 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
 
-def _reconcile(results, recorder: ReportRecorder) -> None:
-    """Rows for trials that ended while no recorder watched (before a resume)."""
+def _reconcile(results, recorder: ReportRecorder, interrupted: bool = False) -> None:
+    """Rows for trials that ended while no recorder watched (before a resume), and, after an
+    interrupt, for the trials it stopped (status interrupted)."""
     known = set(recorder.writer.trials.get("trial_id", []))
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
@@ -328,5 +378,6 @@ def _reconcile(results, recorder: ReportRecorder) -> None:
             error = str(result.error) if result.error else None
             tag = re.search(rf"{trial_id}_(\d+)", Path(result.path).name if result.path else "")
             recorder.record(trial_id, result.config or {}, result.metrics or {}, error=error,
-                            number=int(tag.group(1)) if tag else -1)
+                            number=int(tag.group(1)) if tag else -1,
+                            status="interrupted" if interrupted else None)
 
