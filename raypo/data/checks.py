@@ -17,6 +17,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import datasets
+
 from raypo.data.errors import DataError
 
 MIN_EVAL_PAIRS = 8
@@ -33,29 +35,24 @@ def _rows(rows: Sequence[int]) -> str:
     return shown + (f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else "")
 
 
-def drop_ties(columns: dict[str, list], source: str) -> tuple[dict[str, list], list[int]]:
-    """The columns without the pairs whose chosen equals rejected, and those rows (0-based)."""
-    ties = [i for i, (c, r) in enumerate(zip(columns["chosen"], columns["rejected"],
+def drop_ties(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """The pairs whose chosen differs from rejected; one warning names the rows left out
+    (0-based, in the order the data is read), an error if none is left."""
+    ties = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"],
                                               strict=True)) if c == r]
     if not ties:
-        return columns, []
-    if len(ties) == len(columns["chosen"]):
+        return dataset
+    if len(ties) == len(dataset):
         raise DataError.at(source, "rejected", None,
                            f"every pair ({len(ties)}) has rejected equal to chosen: there is "
                            "no preference to learn")
+    warnings.warn(f"{source}: {len(ties)} pair(s) whose chosen equals rejected carry no "
+                  f"preference and are left out: rows {_rows(ties)}", DataWarning,
+                  stacklevel=2)
     drop = set(ties)
-    kept = {k: [v for i, v in enumerate(col) if i not in drop] for k, col in columns.items()}
-    return kept, ties
-
-
-def warn_ties(ties: dict[str, list[int]]) -> None:
-    """One warning for the pairs `drop_ties` left out, by file."""
-    total = sum(len(rows) for rows in ties.values())
-    if not total:
-        return
-    where = "; ".join(f"{source} rows {_rows(rows)}" for source, rows in ties.items() if rows)
-    warnings.warn(f"{total} pair(s) whose chosen equals rejected carry no preference and are "
-                  f"left out: {where}", DataWarning, stacklevel=3)
+    kept = dataset.select([i for i in range(len(dataset)) if i not in drop])
+    kept._fingerprint = dataset._fingerprint  # what the source's fingerprint describes
+    return kept
 
 
 def check_split(n_train: int, n_eval: int, *, batch_size: int, eval_fraction: float,

@@ -19,7 +19,6 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypo.data.checks import drop_ties, warn_ties
 from raypo.data.errors import DataError
 from raypo.data.formats import COLUMNS, Format, normalize_rows
 
@@ -39,24 +38,19 @@ def load_preferences(source: str | Path) -> datasets.Dataset:
     file, a folder of such files (one kind; read in name order; other files are ignored), or
     else a hub dataset name, loaded with `datasets.load_dataset(name, split="train")`.
     Rows are in standard text or conversational format (see `raypo.data.formats`); implicit
-    prompts are made explicit. Pairs whose chosen equals rejected are left out with one
-    `DataWarning` naming their rows (raypo.data.checks). Raises `DataError` naming the file,
-    column and row of a bad value.
+    prompts are made explicit. Raises `DataError` naming the file, column and row of a bad value.
     `result._fingerprint == data_fingerprint(source)`.
     """
     path = Path(source).expanduser()
     if not path.exists():
         hub = _load_hub(str(source))
         fmt, columns = normalize_rows(hub.to_list(), hub.column_names, str(source))
-        columns, ties = drop_ties(columns, str(source))
-        warn_ties({str(source): ties})
         return _dataset(fmt, columns, hub._fingerprint)
 
     files = _data_files(path)
     fmt: Format | None = None
     merged: dict[str, list] = {c: [] for c in COLUMNS}
     digests = []
-    ties: dict[str, list[int]] = {}
     for file in files:
         data = file.read_bytes()
         digests.append(hashlib.sha256(data).hexdigest())
@@ -71,12 +65,10 @@ def load_preferences(source: str | Path) -> datasets.Dataset:
                 f"a folder must hold one format",
             )
         fmt = file_fmt
-        columns, ties[str(file)] = drop_ties(columns, str(file))
         for c in COLUMNS:
             merged[c].extend(columns[c])
     if fmt is None:
         raise DataError.at(path, None, None, "the dataset has no rows (every file is empty)")
-    warn_ties(ties)
     return _dataset(fmt, merged, _combine(path, files, digests))
 
 

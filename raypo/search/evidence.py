@@ -22,6 +22,7 @@ import torch
 from pydantic import ValidationError
 
 from raypo.data.builtin import preference_pairs
+from raypo.data.checks import drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.losses import TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
@@ -129,7 +130,7 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
         model_name, data_name = "builtin:tiny", f"builtin:{spec.variant}"
     else:
         # data first: a bad dataset path is reported before a model is downloaded
-        ds = load_preferences(cfg.data)
+        ds = drop_ties(load_preferences(cfg.data), cfg.data)
         tokenizer = load_tokenizer(cfg.model)
         policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
                              lora=cfg.lora, seed=cfg.seed)

@@ -34,10 +34,12 @@ from raypo.search.checks import check_objectives, check_resources
 from raypo.search.interrupt import Interrupted, Interrupts, resume_command
 from raypo.search.recorder import ReportRecorder
 from raypo.search.space import SearchSpace, SpaceError
+from raypo.search.storage import atomic_filesystem
 from raypo.search.trial import search_trial
 from raypo.train.config import TrainConfig
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+STORAGE = atomic_filesystem()  # Tune's state: a full disk leaves the last whole one
 
 
 def _log(message: str) -> None:
@@ -267,7 +269,7 @@ def _run_search(space: SearchSpace, *, reports, address, resume, log, interrupts
 
     directory = (Path(reports) / space.name).resolve()
     tune_dir = directory / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+    if resume and not tune.Tuner.can_restore(str(tune_dir), storage_filesystem=STORAGE):
         raise SpaceError(f"{directory}: no interrupted search to resume there")
     if not resume and (directory / "trials.parquet").exists():
         raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
@@ -300,7 +302,8 @@ def _run_search(space: SearchSpace, *, reports, address, resume, log, interrupts
                                     _resources(space))
     if resume:
         log(f"resuming {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
+                                   storage_filesystem=STORAGE)
     else:
         tuner = _tuner(space, trainable, recorder, directory, ranks)
     try:
@@ -364,6 +367,7 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                                     max_concurrent_trials=budget.concurrency,
                                     time_budget_s=budget.time_limit_s, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
+                                  storage_filesystem=STORAGE,  # whole files or none
                                   callbacks=[recorder],
                                   failure_config=tune.FailureConfig(max_failures=1)))
 

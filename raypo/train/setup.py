@@ -14,7 +14,7 @@ import datasets
 import torch
 
 from raypo.data.builtin import TaskSpec, preference_pairs
-from raypo.data.checks import check_split
+from raypo.data.checks import check_split, drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
 from raypo.losses import ModelFacts, Needs, PreferenceLoss, build, needs
@@ -127,7 +127,7 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     else:
         # the data first: a dataset too small to batch or to hold out fails before a model
         # loads (raypo.data.checks)
-        ds = load_preferences(cfg.data)
+        ds = drop_ties(load_preferences(cfg.data), cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
         train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.seed)
         check_split(len(train_pairs), len(eval_pairs), batch_size=cfg.batch_size,

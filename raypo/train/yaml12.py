@@ -34,8 +34,8 @@ class Ambiguous:
 
     def problem(self) -> str:
         if self.text.lstrip("+-").startswith(("0x", "0o")):
-            kind = "hexadecimal" if "x" in self.text else "octal"
-            return (f"{self.text!r} is a {kind} literal; write the decimal {self.value} "
+            kind = "a hexadecimal" if "x" in self.text else "an octal"
+            return (f"{self.text!r} is {kind} literal; write the decimal {self.value} "
                     "(or quote it for a string)")
         return (f"{self.text!r} has a leading zero (YAML 1.1 reads such a number as octal, "
                 f"YAML 1.2 as decimal); write {self.value} (or quote it for a string)")
