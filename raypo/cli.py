@@ -186,6 +186,10 @@ def select(
         rep = load(report)
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
+    from raypo.reports.status import incomplete_note
+
+    if incomplete_note(rep):  # a part of a search is not the search: say so first
+        typer.echo(f"note: {incomplete_note(rep)}", err=True)
     pairs = rep.pairs()
     if pairs.empty:
         _fail(f"{report}: no finished trial of a kernel loss to choose from; "
@@ -228,9 +232,13 @@ def report_command(
         loaded = load(report)
     except FileNotFoundError as e:
         _fail(str(e))
-    except (OSError, ValueError) as e:  # unreadable Parquet or search.json
-        _fail(f"{report}: cannot read the report: {e}")
-    typer.echo(str(write_html(loaded, out or report / "report.html")))
+    except (OSError, ValueError) as e:  # unreadable Parquet or search.json (named)
+        _fail(f"cannot read the report: {e}")
+    target = out or report / "report.html"
+    try:
+        typer.echo(str(write_html(loaded, target)))
+    except OSError as e:  # a read-only folder, a full disk: nothing half-written
+        _fail(f"{target}: cannot write: {e.strerror or e}")
 
 
 @app.command("metrics")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,16 @@ class ReportWriteError(OSError):
         return self.args[0]
 
 
+def _reason(error: OSError) -> tuple[str, int | None]:
+    """(the system's words for the error, its errno): pyarrow's errors carry the errno only
+    in their text."""
+    code = error.errno
+    if code is None:
+        found = re.search(r"\[errno (\d+)\]", str(error))
+        code = int(found.group(1)) if found else None
+    return (os.strerror(code) if code else " ".join(str(error).split())), code
+
+
 def _atomic(path: Path, write) -> None:
     """`write(temporary path)`, then rename over `path`; on any failure the temporary file
     is removed and ReportWriteError says which file and why."""
@@ -56,8 +67,9 @@ def _atomic(path: Path, write) -> None:
         tmp = None
     except OSError as e:
         before = "is unchanged" if path.exists() else "was not written"
-        raise ReportWriteError(f"{path}: cannot write: {e.strerror or e} (the file "
-                               f"{before})", e.errno) from e
+        reason, code = _reason(e)
+        raise ReportWriteError(f"{path}: cannot write: {reason} (the file {before})",
+                               code) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
