@@ -27,6 +27,7 @@ from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: int | None = None  # the first signal of the running search, read by the recorder
+_active: Interrupts | None = None  # the running search's, for stop_tuning
 
 
 class Interrupted(KeyboardInterrupt):
@@ -50,33 +51,39 @@ def requested() -> int | None:
 class Interrupts:
     def __init__(self):
         self.signum: int | None = None
+        self.failure: Exception | None = None  # why stop_tuning stopped the fit
         self._old: dict = {}
         self._tune_handler_before = None
         self._in_tuning = False
 
     def __enter__(self) -> Interrupts:
-        global _requested
-        _requested = None
+        global _requested, _active
+        _requested, _active = None, self
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        global _requested
+        global _requested, _active
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
-        _requested = None
+        _requested, _active = None, None
+
+    def _tune_handler(self):
+        """Tune's graceful-stop handler of the running fit, or None."""
+        handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if self._in_tuning and callable(handler) and handler is not self._tune_handler_before:
+            return handler
+        return None
 
     def _handle(self, signum, frame) -> None:
         global _requested
         first = self.signum is None
         if first:
             self.signum = _requested = signum
-        tune_handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-        # Tune's handler of this fit (not one left by an earlier fit in this process)
-        if (first and self._in_tuning and callable(tune_handler)
-                and tune_handler is not self._tune_handler_before):
+        tune_handler = self._tune_handler()  # this fit's, not one left by an earlier fit
+        if first and tune_handler is not None:
             tune_handler(signal.SIGUSR1, frame)
             return
         raise Interrupted(signum)
@@ -101,6 +108,20 @@ class Interrupts:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
             else:
                 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old_env
+
+
+def stop_tuning(failure: Exception) -> bool:
+    """Ask the running fit to stop as after Ctrl-C (its state saved, the running trials left
+    to resume), for `failure` (kept as `Interrupts.failure`): what the recorder does when it
+    cannot write the report. False outside a fit."""
+    if _active is None:
+        return False
+    _active.failure = _active.failure or failure
+    handler = _active._tune_handler()
+    if handler is None:
+        return False
+    handler(signal.SIGUSR1, None)
+    return True
 
 
 def resume_command(space, reports: str | Path, address: str | None) -> str:

@@ -18,6 +18,7 @@ from ray import tune
 
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
+from raypo.reports.writer import ReportWriteError
 from raypo.search import interrupt
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
@@ -53,6 +54,7 @@ class ReportRecorder(tune.Callback):
         self.echo = echo
         self._writer = None
         self._steps: dict[str, list[dict]] = {}
+        self.write_error: Exception | None = None  # the report could not be written
 
     @property
     def writer(self) -> ReportWriter:
@@ -65,7 +67,7 @@ class ReportRecorder(tune.Callback):
         self._steps = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_steps": {}}
+        return {**self.__dict__, "_writer": None, "_steps": {}, "write_error": None}
 
     # -- Tune's hooks (driver process) ------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -99,7 +101,14 @@ class ReportRecorder(tune.Callback):
             row["error"] = error
             steps = self._steps.get(trial_id, [])
         row = self._complete(row, config, number)
-        self.writer.write_trial(row, steps)
+        if self.write_error is not None:  # stopping: a resume runs the trial again
+            return row
+        try:
+            self.writer.write_trial(row, steps)
+        except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, tables whole
+            self.write_error = e
+            interrupt.stop_tuning(e)
+            return row
         self._steps.pop(trial_id, None)
         if self.echo:
             self._show(row)

@@ -306,14 +306,15 @@ def _run_search(space: SearchSpace, *, reports, address, resume, log, interrupts
                                    storage_filesystem=STORAGE)
     else:
         tuner = _tuner(space, trainable, recorder, directory, ranks)
-    try:
-        with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
-            results = tuner.fit()
-    except ReportWriteError as e:  # a full disk, a folder gone read-only: stop, say how on
-        raise ReportWriteError(f"{e}; the search stopped; the tables on disk hold the "
+    with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
+        results = tuner.fit()
+    # a full disk, a folder gone read-only: the recorder (Tune's copy of it, after a resume)
+    # stopped the fit like Ctrl-C
+    error = interrupts.failure
+    if error is not None:
+        raise ReportWriteError(f"{error}; the search stopped; the tables on disk hold the "
                                f"{len(recorder.writer.trials)} trials recorded before; free "
-                               f"space, then continue with: {extra['resume']}", e.errno
-                               ) from None
+                               f"space, then continue with: {extra['resume']}", error.errno)
     _reconcile(results, recorder, interrupted=interrupts.signum is not None)
     # interrupted, or the time limit: say so, and how to go on
     trials = recorder.writer.trials

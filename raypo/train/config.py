@@ -307,6 +307,20 @@ def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) ->
     return dict(loaded)
 
 
+def _searched(node, path: str = "") -> str | None:
+    """The dotted key of the first searched value (`{low:, high:}`, `{choice:}`,
+    `{value:, when:}`) in a config tree, or None."""
+    if not isinstance(node, dict):
+        return None
+    if {"low", "high"} <= set(node) or "choice" in node or {"value", "when"} <= set(node):
+        return path or "(top level)"
+    for key, child in node.items():
+        found = _searched(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (),
                 raw: dict | None = None) -> TrainConfig:
     """Read, override and validate a training config; ConfigError names file and key."""
@@ -319,6 +333,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
     for key, value in parse_overrides(list(overrides)):
         set_dotted(tree, key, value)
     tree.setdefault("name", Path(path).stem if path is not None else "train")
+    searched = _searched(tree)
+    if searched:
+        raise ConfigError(f"{source}: {searched}: a range or choice; `raypo train` needs every "
+                          "value fixed (use `raypo search` for a space)")
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:
