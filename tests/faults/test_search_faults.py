@@ -140,7 +140,7 @@ def _process(command, env, log: Path):
 def test_interrupt_same_name_full_disk_and_resume(raypo_cache, tmp_path, tmpfs):
     disk = tmpfs("disk", size="24m")
     reports = disk.path / "reports"
-    space = _space(tmp_path, "honest", steps=60, eval_every=20, budget={"trials": 4,
+    space = _space(tmp_path, "honest", steps=40, eval_every=20, budget={"trials": 4,
                    "concurrency": 1}, selection={"enabled": False},
                    loss={"name": "dpo", "beta": {"low": 0.05, "high": 0.5, "log": True}})
     folder = reports / "honest"
