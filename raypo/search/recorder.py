@@ -2,9 +2,11 @@
 
 One writer (the driver) owns trials.parquet and steps.parquet, so trials running at once never
 race on a file; each table is rewritten atomically when a trial ends. A trial that ends without
-its final report was stopped by the scheduler (pruned) or died (failed): its row is made from
-its config and its last report. A trial that ends twice (a resumed search re-runs a trial that
-was running when the driver died) replaces its own row: every trial is in the table once.
+its final report was stopped by the scheduler (pruned), died (failed) or was running when a
+signal stopped the search (interrupted): its row is made from its config and its last report.
+A write that fails (a full disk) stops the search like Ctrl-C (raypo.search.interrupt). A
+trial that ends twice (a resumed search re-runs a trial that was running when the driver died)
+replaces its own row: every trial is in the table once.
 """
 
 from __future__ import annotations
