@@ -268,13 +268,13 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     """One line: the file, then each bad key and what was expected."""
     problems = []
     for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in e["loc"])  # none: a check of several keys
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         if e["type"] == "finite_number":
             msg = "expected a finite number"
-        problems.append(f"{where}: {msg}")
+        problems.append(f"{where}: {msg}" if where else msg)
     return f"{source}: " + "; ".join(problems)
 
 
