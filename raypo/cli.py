@@ -121,7 +121,8 @@ def search(
     """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
     import os
 
-    if address is None:  # a local instance listens on loopback only (read when Ray loads)
+    if address is None and "ray" not in sys.modules:
+        # a local instance listens on loopback only (Ray reads this when it is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from raypo.data.errors import DataError
     from raypo.reports.folder import ReportFolderError, search_folder
