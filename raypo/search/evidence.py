@@ -19,17 +19,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from pydantic import ValidationError
 
 from raypo.data.builtin import preference_pairs
+from raypo.data.checks import drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.losses import LOSSES, TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
 from raypo.selection.rule import rank_pairs
 from raypo.train.base_model import fit_base_model
-from raypo.train.config import ConfigError, TrainConfig, format_validation_error
+from raypo.train.config import (
+    ConfigError,
+    TrainConfig,
+    format_validation_error,
+    read_yaml_mapping,
+    set_dotted,
+)
 from raypo.train.reference import ReferenceOutputs
 from raypo.train.setup import _reference, _tokenize, resolve_device, task_spec
 
@@ -75,22 +81,10 @@ def metrics_config(path: str | Path | None, *, model: str | None = None,
     source = str(path) if path is not None else "<config>"
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such file")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+        loaded = read_yaml_mapping(path)
         tree = {k: v for k, v in (_fixed(loaded) or {}).items() if k in RELEVANT_KEYS}
     for dotted, value in (overrides or {}).items():
-        node = tree
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(tree, dotted, value)
     if model is not None:
         tree["model"] = model
     if data is not None:
@@ -136,7 +130,7 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
         model_name, data_name = "builtin:tiny", f"builtin:{spec.variant}"
     else:
         # data first: a bad dataset path is reported before a model is downloaded
-        ds = load_preferences(cfg.data)
+        ds = drop_ties(load_preferences(cfg.data), cfg.data)
         tokenizer = load_tokenizer(cfg.model)
         policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
                              lora=cfg.lora, seed=cfg.seed)

@@ -2,9 +2,11 @@
 
 One writer (the driver) owns trials.parquet and steps.parquet, so trials running at once never
 race on a file; each table is rewritten atomically when a trial ends. A trial that ends without
-its final report was stopped by the scheduler (pruned) or died (failed): its row is made from
-its config and its last report. A trial that ends twice (a resumed search re-runs a trial that
-was running when the driver died) replaces its own row: every trial is in the table once.
+its final report was stopped by the scheduler (pruned), died (failed) or was running when a
+signal stopped the search (interrupted): its row is made from its config and its last report.
+A write that fails (a full disk) stops the search like Ctrl-C (raypo.search.interrupt). A
+trial that ends twice (a resumed search re-runs a trial that was running when the driver died)
+replaces its own row: every trial is in the table once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ray import tune
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
 from raypo.reports.schema import describe, trial_row
+from raypo.reports.writer import ReportWriteError
+from raypo.search import interrupt
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 
@@ -52,6 +56,7 @@ class ReportRecorder(tune.Callback):
         self.echo = echo
         self._writer = None
         self._steps: dict[str, list[dict]] = {}
+        self.write_error: Exception | None = None  # the report could not be written
 
     @property
     def writer(self) -> ReportWriter:
@@ -64,7 +69,7 @@ class ReportRecorder(tune.Callback):
         self._steps = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_steps": {}}
+        return {**self.__dict__, "_writer": None, "_steps": {}, "write_error": None}
 
     # -- Tune's hooks (driver process) ------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -78,11 +83,14 @@ class ReportRecorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    error=_error_text(trial), number=trial_number(trial))
+                    error=_error_text(trial), number=trial_number(trial),
+                    status="interrupted" if interrupt.requested() else None)
 
     # -- rows ---------------------------------------------------------------------------------
     def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
-               number: int = -1) -> dict:
+               number: int = -1, status: str | None = None) -> dict:
+        """`status` replaces pruned/failed for a trial without its final report
+        (interrupted: a signal stopped the search while it ran)."""
         if FINAL in last and error is None:
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
@@ -90,11 +98,18 @@ class ReportRecorder(tune.Callback):
             metrics = {k: v for k, v in last.items() if k not in TUNE_KEYS}
             row = trial_row(self.space.config(config),
                             {"trial_id": trial_id, **metrics,
-                             "status": "failed" if error else "pruned", "error": error},
-                            searched=config)
+                             "status": status or ("failed" if error else "pruned"),
+                             "error": error}, searched=config)
             steps = self._steps.get(trial_id, [])
         row = self._complete(row, config, number)
-        self.writer.write_trial(row, steps)
+        if self.write_error is not None:  # stopping: a resume runs the trial again
+            return row
+        try:
+            self.writer.write_trial(row, steps)
+        except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, tables whole
+            self.write_error = e
+            interrupt.stop_tuning(e)
+            return row
         self._steps.pop(trial_id, None)
         if self.echo:
             self._show(row)
@@ -158,6 +173,7 @@ class ConfirmRecorder(tune.Callback):
         self.total = total
         self.echo = echo
         self._writer = None
+        self.write_error: ReportWriteError | None = None
 
     @property
     def writer(self) -> ReportWriter:
@@ -175,9 +191,13 @@ class ConfirmRecorder(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial.config["run"], trial.last_result or {}, error=_error_text(trial))
 
-    def record(self, spec: dict, last: dict, error: str | None = None) -> dict:
+    def record(self, spec: dict, last: dict, error: str | None = None) -> dict | None:
+        """The run's row, written; None for a run a signal stopped (no row: `raypo confirm`
+        runs it again) or one the report could not take."""
         from raypo.train.config import TrainConfig
 
+        if FINAL not in last and interrupt.requested():
+            return None
         if FINAL in last and error is None:
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
@@ -192,7 +212,14 @@ class ConfirmRecorder(tune.Callback):
         row["objective"] = (float(value) if row.get("status") == "ok"
                             and isinstance(value, int | float) and math.isfinite(value)
                             else None)
-        self.writer.write_trial(row, steps)
+        if self.write_error is not None:
+            return None
+        try:
+            self.writer.write_trial(row, steps)
+        except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, the table whole
+            self.write_error = e
+            interrupt.stop_tuning(e)
+            return None
         if self.echo:
             shown = "" if row["objective"] is None else f" {self.metric} {row['objective']:.4f}"
             print(f"[confirm {len(self.writer.trials)}/{self.total}] {row['trial_id']} "
