@@ -65,6 +65,7 @@ def cache_key(cfg: TrainConfig) -> str:
 def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> int:
     """Compute every cache the trials will read, once, here; returns how many set-ups ran.
     `reported` gains the metrics the trials will report (raypo.train.reported)."""
+    from raypo.reports.schema import metric_columns
     from raypo.train.reported import reported_metrics
     from raypo.train.setup import prepare
 
@@ -80,7 +81,7 @@ def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> in
         setups[key] = prepare(cfg, log=log)
     if reported is not None:
         for cfg in {repr(c.loss.model_dump()): c for c in every}.values():
-            reported |= reported_metrics(setups[cache_key(cfg)], cfg)
+            reported |= metric_columns(cfg, reported_metrics(setups[cache_key(cfg)], cfg))
     return len(configs)
 
 

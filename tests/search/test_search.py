@@ -264,4 +264,6 @@ def test_select_says_a_ranking_without_confirmation_is_single_seed(tmp_path):
     result = cli("select", tmp_path / "r")
     assert result.exit_code == 0 and "1. b dpo" in result.output
     assert "single-seed" in result.output and "raypo confirm" in result.output
-    assert "warning: this search is unknown" in result.output  # no search.json: not finished
+    writer.write_meta({"kind": "search", "status": "incomplete", "resume": "raypo search x"})
+    result = cli("select", tmp_path / "r")
+    assert result.exit_code == 0 and "this search is incomplete" in result.output
