@@ -30,7 +30,7 @@ HAND_VALUES = {
     ("cdpo", ()): 0.9 * nls(0.1) + 0.1 * nls(-0.1),
     ("robust", ()): (0.9 * nls(0.1) - 0.1 * nls(-0.1)) / 0.8,
     ("simpo", ()): nls(2.0 * (-1.0 / 2 - -2.0 / 4) - 1.0),
-    ("rdpo", ()): nls(0.1 - 0.01 * (2 - 4)),
+    ("rdpo", ()): nls(0.1 + 0.01 * (2 - 4)),
     ("fdpo", (("divergence", "reverse_kl"),)): nls(0.1),
     ("fdpo", (("divergence", "forward_kl"),)): nls(0.1 * (-math.exp(-0.5) + math.exp(0.5))),
     ("fdpo", (("divergence", "js"),)): nls(
