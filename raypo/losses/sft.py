@@ -6,7 +6,6 @@ from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, masked_sum
 from raypo.losses.batch import POLICY_SEQUENCE_FIELDS, PreferenceBatch
-from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES
 
 
@@ -20,14 +19,13 @@ class SFT(PreferenceLoss):
     al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733: `dpo` plus
     rpo_alpha times this, `terms: [{name: dpo, weight: 1}, {name: sft, weight: rpo_alpha}]`)
     and the third term of MPO. No parameters, no defaults to tune (no beta: set_beta has no
-    effect). It takes WPO weighting, which multiplies it by the batch mean of the pair
-    weights as TRL does, but not LD-DPO, which rewrites only the sequence log-probs this loss
-    does not read (TRL's sft ignores ld_alpha too). The reward it logs is the length-averaged
-    policy log-prob of each response.
+    effect), and no modifier: LD-DPO rewrites only the sequence log-probs this loss does not
+    read (TRL's sft ignores ld_alpha too), and WPO weighs preference pairs (TRL 1.16's sft
+    with use_weighting fails: it multiplies an expanded tensor in place). The reward it logs
+    is the length-averaged policy log-prob of each response.
     """
 
     family = "sft"
-    options = WEIGHTING
     requires = POLICY_SEQUENCE_FIELDS | {"policy_chosen_token_logps", "chosen_mask"}
     reference_free = True
 
@@ -39,8 +37,7 @@ class SFT(PreferenceLoss):
         mask = batch.chosen_mask
         nll = (-masked_sum(batch.policy_chosen_token_logps, mask).sum()
                / mask.sum().clamp_min(1).to(batch.policy_chosen_token_logps.dtype))
-        # one value per pair, so that a mean over pairs, WPO's weights and a mixture see it
-        # like any pair loss
+        # one value per pair, so that the mean over pairs is the token mean
         losses = nll.expand(batch.policy_chosen_token_logps.shape[0])
         return (losses,
                 batch.policy_chosen_logps / batch.chosen_lengths.clamp_min(1),
