@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
@@ -37,8 +36,9 @@ class EXOPair(PreferenceLoss):
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         z = self.beta * batch.margin
-        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-self.eps))
-                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(self.eps)))
+        # log sigma as -softplus: F.logsigmoid's backward is ~50x slower on CPU (torch 2.13)
+        return (torch.sigmoid(z) * (-neg_logsigmoid(z) - math.log1p(-self.eps))
+                + torch.sigmoid(-z) * (-neg_logsigmoid(-z) - math.log(self.eps)))
 
 
 @LOSSES.register("discopop")
@@ -62,7 +62,7 @@ class DiscoPOP(PreferenceLoss):
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         z = self.beta * batch.margin
         m = torch.sigmoid(z / self.tau)
-        return (1 - m) * neg_logsigmoid(z) + torch.exp(F.logsigmoid(z / self.tau) - z)
+        return (1 - m) * neg_logsigmoid(z) + torch.exp(-neg_logsigmoid(z / self.tau) - z)
 
 
 @LOSSES.register("sigmoid_norm")
