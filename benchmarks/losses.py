@@ -24,7 +24,11 @@ from raypo.losses import LOSSES, PreferenceBatch, TopKLogits, build
 
 SEQUENCE_CONFIGS = (
     [(n, {}) for n in ("dpo", "ipo", "hinge", "cdpo", "robust", "simpo", "rdpo", "cal_dpo",
-                       "beta_dpo")]
+                       "beta_dpo", "exo_pair", "discopop", "sigmoid_norm", "nca_pair",
+                       "bco_pair", "apo_zero", "apo_down", "sppo_hard", "aot", "aot_unpaired",
+                       "sft", "mixture")]
+    + [("dpo", {"use_weighting": True}), ("dpo", {"ld_alpha": 0.5}),
+       ("dpo", {"use_weighting": True, "ld_alpha": 0.5})]
     + [("fdpo", {"divergence": d}) for d in ("reverse_kl", "forward_kl", "js", "alpha")]
     + [("mi_dpo", {"prior": p}) for p in ("reference", "simpo", "rdpo", "learnable")]
     + [("kernel_dpo", {"kernel": k}) for k in ("polynomial", "rbf", "mahalanobis", "spectral")]
@@ -53,18 +57,21 @@ def make_batch(pairs: int, T: int, V: int, H: int, D: int, topk: int | None, dev
         prompt_embeddings=randn(pairs, D), chosen_embeddings=randn(pairs, D, grad=True),
         rejected_embeddings=randn(pairs, D, grad=True),
     )
-    if token_level:
-        for side in ("chosen", "rejected"):
-            n = fields[f"{side}_lengths"].long()
-            mask = (torch.arange(T, device=device)[None] < n[:, None]).float()
+    for side in ("chosen", "rejected"):
+        # per-token log-probs and masks (sft, WPO, LD-DPO read them at sequence level too)
+        n = fields[f"{side}_lengths"].long()
+        fields.update({
+            f"{side}_mask": (torch.arange(T, device=device)[None] < n[:, None]).float(),
+            f"policy_{side}_token_logps": randn(pairs, T, grad=True),
+            f"ref_{side}_token_logps": randn(pairs, T),
+            f"policy_{side}_log_sum_sq_probs": -randn(pairs, T).abs(),
+        })
+        if token_level:
             ref = randn(pairs, T, V)
             fields.update({
-                f"{side}_mask": mask,
                 f"{side}_labels": torch.randint(0, V, (pairs, T), generator=g).to(device),
                 f"policy_{side}_logits": randn(pairs, T, V, grad=True),
                 f"ref_{side}_logits": TopKLogits.from_logits(ref, topk) if topk else ref,
-                f"policy_{side}_token_logps": randn(pairs, T, grad=True),
-                f"ref_{side}_token_logps": randn(pairs, T),
                 f"ref_{side}_hidden": randn(pairs, T, H),
             })
     return fields

@@ -12,19 +12,24 @@ optimizer step.
 """
 
 from raypo.losses import (  # noqa: F401  (each module registers its members)
+    anchored,
+    aot,
     baseline,
     beta_dpo,
     cal_dpo,
     epsilon_dpo,
     fdpo,
     kernel_dpo,
+    links,
     mi_dpo,
+    mixture,
     priors,
     schedules,
+    sft,
     sparsepo,
     tdpo,
 )
-from raypo.losses.base import PreferenceLoss
+from raypo.losses.base import PreferenceLoss, declared_identity, declared_needs
 from raypo.losses.batch import LossOutput, PreferenceBatch, TopKLogits
 from raypo.losses.describe import ModelFacts, Needs, SelectionProfile
 from raypo.losses.divergences import Divergence
@@ -43,12 +48,12 @@ schedule = SCHEDULES.create
 
 def needs(name: str, **params) -> Needs:
     """What loss `name` built with `params` reads (`Needs`), without building it."""
-    return LOSSES.get_class(name).needs(**params)
+    return declared_needs(name, params)
 
 
 def identity(name: str, **params) -> dict:
     """How loss `name` built with `params` appears in a report row (loss, family, parts)."""
-    return LOSSES.get_class(name).identity(**params)
+    return declared_identity(name, params)
 
 
 def kernel_candidates() -> tuple[str, ...]:

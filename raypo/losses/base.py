@@ -2,7 +2,8 @@
 and what a loss says about itself (what it reads, how it appears in a report row).
 
 A loss subclass states what it reads (`requires`, or `needs()` when that depends on its
-parameters) and writes `pair_losses`, the loss of each pair; the rest lives here once.
+parameters) and writes `pair_losses`, the loss of each pair; the rest lives here once, the
+modifiers a loss class takes (`options`: WPO weighting, LD-DPO; raypo.losses.modifiers) too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from torch import Tensor, nn
 
 from raypo.losses.batch import SEQUENCE_FIELDS, LossOutput, PreferenceBatch
 from raypo.losses.describe import ModelFacts, Needs, bind
-from raypo.losses.registry import check_positive
+from raypo.losses.modifiers import check_modifiers, desensitized, modifier_needs, wpo_weights
+from raypo.losses.registry import LOSSES, check_positive
+
+# The metrics every loss output carries besides its own (and `beta`).
+REWARD_METRICS = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
 
 
 class PreferenceLoss(nn.Module):
@@ -38,6 +43,11 @@ class PreferenceLoss(nn.Module):
     # The parameter that weighs the kernel's margin in such a loss (the rule judges a
     # kernel's margin at that weight); None for the others.
     kernel_weight_param: ClassVar[str | None] = None
+    # The modifiers this class takes besides its parameters (modifiers.MODIFIERS, WEIGHTING),
+    # set by `set_options` when given; off by default.
+    options: ClassVar[dict[str, Any]] = {}
+    use_weighting: bool = False
+    ld_alpha: float | None = None
 
     def __init__(self, beta: float = 0.1):
         super().__init__()
@@ -60,6 +70,12 @@ class PreferenceLoss(nn.Module):
         """Hand the model's facts to this loss and its parts (before the optimizer is made)."""
         bind(self, facts)
         return self
+
+    def set_options(self, use_weighting: bool = False, ld_alpha: float | None = None) -> None:
+        """Turn on WPO weighting and/or LD-DPO (the registry calls this with the options of
+        `type(self).options` that a config gives)."""
+        self.use_weighting, self.ld_alpha = check_modifiers(self.name, use_weighting, ld_alpha)
+        self.requires = frozenset(self.requires) | modifier_needs(use_weighting, ld_alpha).fields
 
     def set_beta(self, value: float) -> None:
         """Set beta for the next steps (the trainer calls this with a schedule's value)."""
@@ -85,9 +101,15 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, batch: PreferenceBatch) -> LossOutput:
         batch.check(self.requires, self.name)
+        if self.ld_alpha is not None:
+            batch = desensitized(batch, self.ld_alpha)
         metrics: dict[str, Tensor] = {}
         out = self.pair_losses(batch, metrics)
         losses, *rewards = out if isinstance(out, tuple) else (out,)
+        if self.use_weighting:
+            weights = wpo_weights(batch)
+            metrics["wpo_weight"] = weights.mean()
+            losses = losses * weights
         return self.reduce(batch, losses, metrics, rewards=tuple(rewards) or None)
 
     def reduce(self, batch: PreferenceBatch, losses: Tensor, metrics: dict[str, Tensor],
@@ -98,6 +120,12 @@ class PreferenceLoss(nn.Module):
             loss = losses.mean()
         else:
             loss = (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+        return self.output(batch, loss, metrics, rewards)
+
+    def output(self, batch: PreferenceBatch, loss: Tensor, metrics: dict[str, Tensor],
+               rewards: tuple[Tensor, Tensor] | None = None) -> LossOutput:
+        """The `LossOutput` of a batch loss: the rewards (default: `self.rewards(batch)`) and
+        the standard metrics (REWARD_METRICS and beta) beside `metrics`."""
         chosen, rejected = (r.detach() for r in (rewards or self.rewards(batch)))
         margins = chosen - rejected
         metrics.update(
@@ -111,6 +139,19 @@ class PreferenceLoss(nn.Module):
                    for k, v in metrics.items()}
         return LossOutput(loss=loss, chosen_rewards=chosen, rejected_rewards=rejected,
                           metrics=metrics)
+
+
+def declared_needs(name: str, params: dict[str, Any]) -> Needs:
+    """What registered loss `name` built with `params` reads, its options included, without
+    building it."""
+    own, options = LOSSES.split(name, params)
+    return LOSSES.get_class(name).needs(**own) | modifier_needs(**options)
+
+
+def declared_identity(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """How registered loss `name` built with `params` appears in a report row."""
+    own, _ = LOSSES.split(name, params)
+    return LOSSES.get_class(name).identity(**own)
 
 
 def neg_logsigmoid(x: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 
 Each loss is a function of the log-ratio margin delta = h(y_w) - h(y_l), h = logp - ref, except
 IPO (length-averaged) and the reference-free SimPO. TRL's `DPOTrainer` implements the same
-formulas as `loss_type` sigmoid, ipo, hinge, robust and (with `label_smoothing`) cDPO.
+formulas as `loss_type` sigmoid, ipo, hinge and robust (tests/losses/test_trl.py runs TRL's own
+code on the same inputs). cDPO has no TRL counterpart since TRL 0.29: its sigmoid loss ignores
+`label_smoothing` (TRL's aot losses keep the cDPO form).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import POLICY_SEQUENCE_FIELDS, PreferenceBatch
+from raypo.losses.modifiers import MODIFIERS, WEIGHTING
 from raypo.losses.registry import LOSSES, check_range
 
 
@@ -23,6 +26,8 @@ class DPO(PreferenceLoss):
     likelihood of the observed preference is maximised. beta (default 0.1, typical 0.01-0.5)
     is the strength of the reverse-KL constraint to the reference.
     """
+
+    options = MODIFIERS
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         return neg_logsigmoid(self.beta * batch.margin)
@@ -37,6 +42,8 @@ class IPO(PreferenceLoss):
     (as TRL does). beta default 0.1.
     """
 
+    options = MODIFIERS
+
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         avg_margin = (batch.chosen_logratios / batch.chosen_lengths.clamp_min(1)
                       - batch.rejected_logratios / batch.rejected_lengths.clamp_min(1))
@@ -45,10 +52,15 @@ class IPO(PreferenceLoss):
 
 @LOSSES.register("hinge")
 class Hinge(PreferenceLoss):
-    """SLiC hinge (Zhao et al. 2023, arXiv 2305.10425): `max(0, 1 - beta * delta)`.
+    """Hinge loss on the log-ratio margin: `max(0, 1 - beta * delta)`.
 
-    beta (default 0.1) is the inverse of the margin the pair must clear.
+    With the reference in the margin this is RSO's form (Liu et al. 2023, arXiv 2309.06657,
+    TRL's `hinge`); SLiC (Zhao et al. 2023, arXiv 2305.10425), where the hinge comes from, uses
+    the policy's log-probs alone. beta (default 0.1) is the inverse of the margin the pair
+    must clear.
     """
+
+    options = MODIFIERS
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         return torch.relu(1 - self.beta * batch.margin)
@@ -59,8 +71,11 @@ class ConservativeDPO(PreferenceLoss):
     """cDPO, DPO with label smoothing (Mitchell 2023, "A note on DPO with noisy preferences"):
     `-(1-eps) log sigma(beta delta) - eps log sigma(-beta delta)`.
 
-    Each label is taken as flipped with probability eps (default 0.1, in [0, 0.5)).
+    Each label is taken as flipped with probability eps (default 0.1, in [0, 0.5)). Not TRL's
+    `sigmoid` with `label_smoothing`: TRL >= 0.29 ignores label_smoothing there.
     """
+
+    options = MODIFIERS
 
     def __init__(self, beta: float = 0.1, eps: float = 0.1):
         super().__init__(beta)
@@ -79,6 +94,8 @@ class RobustDPO(PreferenceLoss):
     An unbiased estimate of the clean-label DPO loss when labels flip with rate eps (default
     0.1, in [0, 0.5)).
     """
+
+    options = MODIFIERS
 
     def __init__(self, beta: float = 0.1, eps: float = 0.1):
         super().__init__(beta)
@@ -100,6 +117,8 @@ class SimPO(PreferenceLoss):
     beta 2.0, gamma 1.0 (the paper's gamma/beta ranges over 0.25-0.8).
     """
 
+    options = WEIGHTING
+
     requires = POLICY_SEQUENCE_FIELDS
     reference_free = True
 
@@ -116,11 +135,15 @@ class SimPO(PreferenceLoss):
 @LOSSES.register("rdpo")
 class LengthRegularizedDPO(PreferenceLoss):
     """R-DPO (Park et al. 2024, arXiv 2403.19159):
-    `-log sigma(beta delta - alpha (|y_w| - |y_l|))`.
+    `-log sigma(beta delta + alpha (|y_w| - |y_l|))`.
 
-    A length term in the margin keeps the policy from exploiting a verbosity bias of the
-    data. alpha default 0.01 (the paper sweeps 0.005-0.05).
+    The paper maximises E[r(x, y)] - alpha |y| under DPO's KL constraint, so the reward the
+    policy carries is r - alpha |y|: a longer chosen response needs less margin, a longer
+    rejected one more, and the policy gains nothing by exploiting a verbosity bias of the data.
+    alpha default 0.01 (the paper sweeps 0.005-0.05).
     """
+
+    options = MODIFIERS
 
     def __init__(self, beta: float = 0.1, alpha: float = 0.01):
         super().__init__(beta)
@@ -128,4 +151,4 @@ class LengthRegularizedDPO(PreferenceLoss):
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
         length_gap = (batch.chosen_lengths - batch.rejected_lengths).to(batch.margin.dtype)
-        return neg_logsigmoid(self.beta * batch.margin - self.alpha * length_gap)
+        return neg_logsigmoid(self.beta * batch.margin + self.alpha * length_gap)

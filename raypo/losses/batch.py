@@ -64,6 +64,10 @@ POLICY_SEQUENCE_FIELDS = frozenset(
     {"policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths"}
 )
 MASK_FIELDS = frozenset({"chosen_mask", "rejected_mask"})
+POLICY_TOKEN_FIELDS = frozenset({"policy_chosen_token_logps", "policy_rejected_token_logps"})
+REF_TOKEN_FIELDS = frozenset({"ref_chosen_token_logps", "ref_rejected_token_logps"})
+LOG_SUM_SQ_FIELDS = frozenset({"policy_chosen_log_sum_sq_probs",
+                               "policy_rejected_log_sum_sq_probs"})
 LOGIT_FIELDS = frozenset(
     {"policy_chosen_logits", "policy_rejected_logits", "ref_chosen_logits", "ref_rejected_logits"}
 )
@@ -84,6 +88,10 @@ _FIELD_HELP = {
     "policy_rejected_token_logps": "(B, T) per-token policy log-probs of the rejected response",
     "ref_chosen_token_logps": "(B, T) per-token reference log-probs of the chosen response",
     "ref_rejected_token_logps": "(B, T) per-token reference log-probs of the rejected response",
+    "policy_chosen_log_sum_sq_probs": "(B, T) log sum_v p_v^2 of the policy's next-token "
+                                      "distribution at each chosen response position (WPO)",
+    "policy_rejected_log_sum_sq_probs": "(B, T) log sum_v p_v^2 of the policy at each rejected "
+                                        "response position (WPO)",
     "policy_chosen_logits": "(B, T, V) policy logits at the chosen response positions",
     "policy_rejected_logits": "(B, T, V) policy logits at the rejected response positions",
     "ref_chosen_logits": "(B, T, V) reference logits (or TopKLogits) at chosen positions",
@@ -114,6 +122,8 @@ class PreferenceBatch:
     policy_rejected_token_logps: Tensor | None = None
     ref_chosen_token_logps: Tensor | None = None
     ref_rejected_token_logps: Tensor | None = None
+    policy_chosen_log_sum_sq_probs: Tensor | None = None
+    policy_rejected_log_sum_sq_probs: Tensor | None = None
     policy_chosen_logits: Tensor | None = None
     policy_rejected_logits: Tensor | None = None
     ref_chosen_logits: Logits | None = None

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import PreferenceBatch
+from raypo.losses.modifiers import MODIFIERS
 from raypo.losses.registry import LOSSES
 
 
@@ -20,6 +21,8 @@ class CalDPO(PreferenceLoss):
     0.1 (the paper's code sweeps 1e-3-1e-2 on chat models); `length_normalize` uses per-token
     averages of h (the variant for data with long, uneven responses).
     """
+
+    options = MODIFIERS
 
     family = "calibrated"
 

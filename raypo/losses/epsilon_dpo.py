@@ -15,6 +15,7 @@ from raypo.losses.batch import (
     PreferenceBatch,
     TopKLogits,
 )
+from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_range
 from raypo.losses.token import label_logps
 
@@ -44,6 +45,8 @@ class EpsilonDPO(PreferenceLoss):
     full-vocabulary reference logits (f_ref enters the perturbation). Defaults eps 0.01,
     beta 0.01 (paper).
     """
+
+    options = WEIGHTING
 
     family = "adaptive-beta"
     requires = SEQUENCE_FIELDS | LOGIT_FIELDS | MASK_FIELDS | {"chosen_labels", "rejected_labels"}

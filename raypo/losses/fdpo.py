@@ -10,11 +10,22 @@ from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import PreferenceBatch
+from raypo.losses.modifiers import MODIFIERS
 from raypo.losses.registry import LOSSES, check_range
 
-# exp(h) overflows float32 past h = 88; clamping the log-ratio at +-50 keeps f'(u) and its
-# gradient finite (the loss there is saturated anyway: beta * e^50 is far past any margin).
+# f'(u) = -u^-a grows as e^(-a h) when the log-ratio h falls, and e^88 overflows float32. Below
+# h = -50 the exponential is continued by its tangent there: finite for any h (e^50 * 1e4 is far
+# from float32's limit) and still increasing in h, so a chosen response whose log-ratio keeps
+# falling keeps its gradient, of the right sign, where a clamp would zero it. Above, e^(-a h)
+# only underflows towards 0, harmlessly.
 _H_LIMIT = 50.0
+
+
+def _exp_neg(h: Tensor, a: float) -> Tensor:
+    """e^(-a h), continued linearly (value and slope of e^(-a h) at h = -50) below h = -50."""
+    h_in = h.clamp_min(-_H_LIMIT)
+    e = torch.exp(-a * h_in)
+    return e - a * e * (h - h_in)
 
 
 def _reverse_kl(h: Tensor, alpha: float) -> Tensor:
@@ -22,7 +33,7 @@ def _reverse_kl(h: Tensor, alpha: float) -> Tensor:
 
 
 def _forward_kl(h: Tensor, alpha: float) -> Tensor:
-    return -torch.exp(-h.clamp(-_H_LIMIT, _H_LIMIT))
+    return -_exp_neg(h, 1.0)
 
 
 def _jensen_shannon(h: Tensor, alpha: float) -> Tensor:
@@ -31,7 +42,7 @@ def _jensen_shannon(h: Tensor, alpha: float) -> Tensor:
 
 
 def _alpha(h: Tensor, alpha: float) -> Tensor:
-    return (1 - torch.exp(-alpha * h.clamp(-_H_LIMIT, _H_LIMIT))) / alpha
+    return (1 - _exp_neg(h, alpha)) / alpha
 
 
 _F_PRIME = {"reverse_kl": _reverse_kl, "forward_kl": _forward_kl, "js": _jensen_shannon,
@@ -49,8 +60,13 @@ class FDPO(PreferenceLoss):
     - forward_kl: f'(u) = -1/u (mass-covering, more diverse)
     - js:         f'(u) = log(2u / (1+u))
     - alpha:      f'(u) = (1 - u^-alpha) / alpha, alpha in (0, 1) (default 0.5)
-    Computed from h = log u; exponentials take h clamped to +-50.
+    Computed from h = log u; below h = -50 the exponentials continue linearly (finite, and the
+    gradient keeps its sign). TRL 1.16 (`f_divergence_type`) writes forward KL as 1 - 1/u (the
+    constant cancels in the margin) and its `f_alpha_divergence_coef` is 1 - alpha here
+    (tests/losses/test_trl.py).
     """
+
+    options = MODIFIERS
 
     family = "f-divergence"
 

@@ -12,8 +12,9 @@ import raypo.losses.kernels  # noqa: F401  (registers the kernels)
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import EMBEDDING_FIELDS, SEQUENCE_FIELDS, PreferenceBatch
 from raypo.losses.describe import Needs, default_of, own_parameters
+from raypo.losses.modifiers import MODIFIERS
 from raypo.losses.penalty import PENALTY_FIELDS, DivergencePenalty
-from raypo.losses.registry import DIVERGENCES, KERNELS, LOSSES, check_positive
+from raypo.losses.registry import DIVERGENCES, KERNELS, LOSSES, check_nonnegative
 
 
 def split_params(kernel_name: str, divergence_name: str | None, params: dict, owner: str
@@ -61,6 +62,8 @@ class KernelDPO(PreferenceLoss):
     (mahalanobis, spectral eigen) are fitted with `fit(embeddings)` before training.
     """
 
+    options = MODIFIERS
+
     family = "kernel"
     selection_params = ("kernel", "divergence")
     kernel_weight_param = "gamma"
@@ -71,7 +74,8 @@ class KernelDPO(PreferenceLoss):
         k_params, d_params = split_params(kernel, divergence, params, type(self).name)
         self.gamma = float(gamma)
         self.kernel = KERNELS.create(kernel, **k_params)
-        self.alpha_div = check_positive(type(self).name, "alpha_div", alpha_div)
+        # 0 is a legitimate ablation point: the penalty computed and logged, weighing nothing
+        self.alpha_div = check_nonnegative(type(self).name, "alpha_div", alpha_div)
         self.penalty = DivergencePenalty(divergence, **d_params) if divergence else None
         self.requires = type(self).needs(kernel=kernel, divergence=divergence, **params).fields
 

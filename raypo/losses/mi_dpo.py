@@ -9,6 +9,7 @@ from torch import Tensor
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import POLICY_SEQUENCE_FIELDS, PreferenceBatch
 from raypo.losses.describe import Needs
+from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.priors import SparsePOPrior
 from raypo.losses.registry import LOSSES, PRIORS
 
@@ -24,6 +25,8 @@ class MutualInformationDPO(PreferenceLoss):
     `alpha` for rdpo/tdpo2). The reward logged is a [logp(y) - log zeta(y)]. Default beta 0.1,
     prior "reference" (= DPO).
     """
+
+    options = WEIGHTING
 
     family = "mutual-information"
 

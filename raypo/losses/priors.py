@@ -47,23 +47,27 @@ class SimPOPrior(Prior):
         self.gamma = float(gamma)
 
     def forward(self, batch, beta):
-        n_w = batch.chosen_lengths.clamp_min(1)
-        n_l = batch.rejected_lengths.clamp_min(1)
+        # 1/n in the log-probs' dtype: integer lengths would give it in float32
+        dtype = batch.policy_chosen_logps.dtype
+        n_w = batch.chosen_lengths.clamp_min(1).to(dtype)
+        n_l = batch.rejected_lengths.clamp_min(1).to(dtype)
         return ((1 - 1 / n_w) * batch.policy_chosen_logps + self.gamma / beta,
                 (1 - 1 / n_l) * batch.policy_rejected_logps)
 
 
 @PRIORS.register("rdpo")
 class LengthPrior(Prior):
-    """log zeta(y) = ref(y) + alpha |y| / beta: the margin loses alpha (|y_w| - |y_l|) (R-DPO)."""
+    """log zeta(y) = ref(y) - alpha |y| / beta: the margin gains alpha (|y_w| - |y_l|), R-DPO's
+    length-penalised reward r - alpha |y|."""
 
     def __init__(self, alpha: float = 0.01):
         super().__init__()
         self.alpha = float(alpha)
 
     def forward(self, batch, beta):
-        return (batch.ref_chosen_logps + self.alpha * batch.chosen_lengths / beta,
-                batch.ref_rejected_logps + self.alpha * batch.rejected_lengths / beta)
+        dtype = batch.ref_chosen_logps.dtype
+        return (batch.ref_chosen_logps - self.alpha * batch.chosen_lengths.to(dtype) / beta,
+                batch.ref_rejected_logps - self.alpha * batch.rejected_lengths.to(dtype) / beta)
 
 
 @PRIORS.register("tdpo1")
@@ -121,7 +125,7 @@ class LearnablePrior(Prior):
 
     The family the mutual-information paper proposes to search: rho = 1, theta = 0 is DPO
     (the initial point, `rho`/`theta` parameters); rho = 0 is SimPO without margin; theta plays
-    R-DPO's alpha/beta. Gradients on rho stop at the ends of [0, 1] (clamp).
+    R-DPO's -alpha/beta. Gradients on rho stop at the ends of [0, 1] (clamp).
     """
 
     def __init__(self, rho: float = 1.0, theta: float = 0.0):

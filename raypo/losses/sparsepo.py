@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from raypo.losses.base import PreferenceLoss, masked_mean, masked_sum, neg_logsigmoid
 from raypo.losses.batch import PreferenceBatch
 from raypo.losses.divergences import divergence
+from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_positive
 from raypo.losses.tdpo import SEQ_KL_FIELDS
 from raypo.losses.token import token_divergence
@@ -88,6 +89,8 @@ class SparsePO(PreferenceLoss):
     preference move. The L1 penalty (lambda default 1e-3) keeps the masks sparse. Separate
     reward and KL masks (the paper's non-shared variant). Default beta 0.1.
     """
+
+    options = WEIGHTING
 
     family = "token-level"
     requires = SPARSEPO_FIELDS

@@ -7,6 +7,7 @@ from torch import Tensor
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import LOGIT_FIELDS, MASK_FIELDS, SEQUENCE_FIELDS, PreferenceBatch
 from raypo.losses.divergences import divergence
+from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_positive
 from raypo.losses.token import sequence_divergence
 
@@ -34,6 +35,8 @@ class TDPO(PreferenceLoss):
     SeqKL(y) = sum_t KL(pi_ref(.|x, y<t) || pi(.|x, y<t)) controls divergence token by token,
     keeping generation diverse while the margin grows. Defaults beta 0.1, alpha 0.5 (paper).
     """
+
+    options = WEIGHTING
 
     family = "token-level"
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raypo.losses.batch import EMBEDDING_FIELDS, LOGIT_FIELDS
+from raypo.losses.batch import EMBEDDING_FIELDS, LOG_SUM_SQ_FIELDS, LOGIT_FIELDS
 
 TOKEN_LOGP_FIELDS = frozenset({
     "policy_chosen_token_logps", "policy_rejected_token_logps",
@@ -28,6 +28,7 @@ class ForwardOutput:
 
     logps: Tensor  # (2B,) summed response log-probs
     token_logps: Tensor  # (2B, T), 0 at padding
+    log_sum_sq_probs: Tensor | None = None  # (2B, T) log sum_v p_v^2, no grad, 0 at padding
     logits: Tensor | None = None  # (2B, T, V) at response positions
     hidden: Tensor | None = None  # (2B, T, H) last hidden state at response positions
     response_embeddings: Tensor | None = None  # (2B, H) mean over response tokens
@@ -40,9 +41,11 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
 
 
 def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False,
-                     embeddings: bool = False) -> ForwardOutput:
+                     embeddings: bool = False, log_sum_sq: bool = False) -> ForwardOutput:
     """Run `model` on a PairBatch. Log-probs are computed in float32 whatever the model's
-    dtype (bf16 log-softmax loses the small differences DPO's margin is made of)."""
+    dtype (bf16 log-softmax loses the small differences DPO's margin is made of).
+    `log_sum_sq`: also log sum_v p_v^2 at each response position (WPO's weights), without
+    gradient."""
     T = batch.labels.shape[1]
     need_hidden = hidden or embeddings
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -50,10 +53,15 @@ def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False
                 output_hidden_states=need_hidden, use_cache=False)
     step_logits = out.logits[:, :-1].float()
     # logit(label) - logsumexp: no second (2B, T, V) tensor as log_softmax would make
+    log_normalizer = torch.logsumexp(step_logits, -1)
     token_logps = (step_logits.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
-                   - torch.logsumexp(step_logits, -1)) * batch.response_mask
+                   - log_normalizer) * batch.response_mask
     result = ForwardOutput(logps=token_logps.sum(-1), token_logps=token_logps,
                            logits=step_logits if logits else None)
+    if log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+        with torch.no_grad():
+            result.log_sum_sq_probs = ((torch.logsumexp(2 * step_logits, -1)
+                                        - 2 * log_normalizer) * batch.response_mask)
     if need_hidden:
         last = out.hidden_states[-1]  # (2B, P+T, H)
         at_response = last[:, -(T + 1):-1]  # the states that predict the response tokens
@@ -73,6 +81,7 @@ def outputs_for(requires: frozenset[str]) -> dict[str, bool]:
         "logits": bool(requires & {"policy_chosen_logits", "policy_rejected_logits"}),
         "embeddings": bool(requires & EMBEDDING_FIELDS),
         "token_logps": bool(requires & TOKEN_LOGP_FIELDS),
+        "log_sum_sq": bool(requires & LOG_SUM_SQ_FIELDS),
         "ref_logits": bool(requires & (LOGIT_FIELDS - {"policy_chosen_logits",
                                                         "policy_rejected_logits"})),
         "ref_hidden": bool(requires & HIDDEN_FIELDS),

@@ -15,7 +15,8 @@ def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: 
     want = outputs_for(loss_fn.requires)
     B, T = batch.index.shape[0], batch.labels.shape[1]
     use_policy_emb = want["embeddings"] and embeddings_from_policy
-    out = sequence_forward(policy, batch, logits=want["logits"], embeddings=use_policy_emb)
+    out = sequence_forward(policy, batch, logits=want["logits"], embeddings=use_policy_emb,
+                           log_sum_sq=want["log_sum_sq"])
     fields = ref_outputs.fields(batch.index, T, batch.labels.device)
     mask = batch.response_mask
     fields.update(
@@ -26,6 +27,9 @@ def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: 
         policy_chosen_token_logps=out.token_logps[:B],
         policy_rejected_token_logps=out.token_logps[B:],
     )
+    if out.log_sum_sq_probs is not None:
+        fields.update(policy_chosen_log_sum_sq_probs=out.log_sum_sq_probs[:B],
+                      policy_rejected_log_sum_sq_probs=out.log_sum_sq_probs[B:])
     if out.logits is not None:
         fields.update(policy_chosen_logits=out.logits[:B], policy_rejected_logits=out.logits[B:])
     if use_policy_emb:

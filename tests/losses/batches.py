@@ -55,8 +55,10 @@ def full_batch(B=4, T=5, V=7, H=6, D=3, seed=0, dtype=torch.float64, scale=2.0, 
         tok = torch.where(mask.bool(), tok, torch.zeros((), dtype=dtype))
         ref_tok = torch.where(mask.bool(), ref_tok, torch.zeros((), dtype=dtype))
         ref_form = TopKLogits.from_logits(ref, topk) if topk else ref
+        with torch.no_grad():  # log sum_v p_v^2 (WPO), 0 at padding as the trainer gives it
+            log_sq = torch.logsumexp(2 * torch.log_softmax(policy, -1), -1) * mask
         return dict(policy=policy, ref=ref_form, labels=labels, mask=mask,
-                    lengths=lengths.to(dtype),
+                    lengths=lengths.to(dtype), log_sq=log_sq,
                     tok=tok, ref_tok=ref_tok, logp=tok.sum(-1), ref_logp=ref_tok.sum(-1),
                     hidden=randn(B, T, H))
 
@@ -70,11 +72,26 @@ def full_batch(B=4, T=5, V=7, H=6, D=3, seed=0, dtype=torch.float64, scale=2.0, 
         chosen_labels=w["labels"], rejected_labels=l["labels"],
         policy_chosen_token_logps=w["tok"], policy_rejected_token_logps=l["tok"],
         ref_chosen_token_logps=w["ref_tok"], ref_rejected_token_logps=l["ref_tok"],
+        policy_chosen_log_sum_sq_probs=w["log_sq"], policy_rejected_log_sum_sq_probs=l["log_sq"],
         policy_chosen_logits=w["policy"], policy_rejected_logits=l["policy"],
         ref_chosen_logits=w["ref"], ref_rejected_logits=l["ref"],
         ref_chosen_hidden=w["hidden"], ref_rejected_hidden=l["hidden"],
         prompt_embeddings=emb(), chosen_embeddings=emb(), rejected_embeddings=emb(),
     )
+
+
+def epsilon_batch(direction: float) -> PreferenceBatch:
+    """Policy logits = reference + direction * d, d raising the chosen labels' logits and
+    lowering the rejected ones'. Moving further along d (f+ = f + eps (f - f_ref)) raises
+    z when direction > 0, so z+ > z > z- and epsilon-DPO's s = +1; direction < 0 gives -1."""
+    batch = full_batch(seed=11)
+    for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+        ref = getattr(batch, f"ref_{side}_logits")
+        labels = getattr(batch, f"{side}_labels")
+        d = torch.zeros_like(ref).scatter(-1, labels[..., None], sign)
+        policy = (ref + direction * d).requires_grad_()
+        setattr(batch, f"policy_{side}_logits", policy)
+    return batch
 
 
 def leaves(batch: PreferenceBatch) -> list[torch.Tensor]:

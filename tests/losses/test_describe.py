@@ -33,6 +33,18 @@ CASES = [(name, {}) for name in LOSSES] + [
     ("hmk_dpo", {"divergence": "js"}),
     *(("mi_dpo", {"prior": p}) for p in ("reference", "simpo", "rdpo", "tdpo1", "tdpo2",
                                          "sparsepo", "learnable")),
+    # the modifiers (options) and mixtures
+    ("dpo", {"use_weighting": True}),
+    ("ipo", {"ld_alpha": 0.5}),
+    ("aot", {"ld_alpha": 0.5}),
+    ("kernel_dpo", {"divergence": "js", "use_weighting": True, "ld_alpha": 0.2}),
+    ("mi_dpo", {"prior": "tdpo2", "use_weighting": True}),
+    ("mixture", {"terms": [{"name": "dpo", "weight": 1, "ld_alpha": 0.5},
+                           {"name": "kernel_dpo", "weight": 0.5, "kernel": "mahalanobis",
+                            "divergence": "kl"},
+                           {"name": "sft", "weight": 1}]}),
+    ("mixture", {"terms": [{"name": "epsilon_dpo", "weight": 1},
+                           {"name": "sparsepo", "weight": 0}]}),
 ]
 
 
@@ -72,6 +84,12 @@ def test_identity_names_the_parts_of_a_composite_loss():
                                                     "kernel": "hmk", "divergence": "kl"}
     assert identity("mi_dpo", prior="rdpo")["prior"] == "rdpo"
     assert "divergence" not in identity("fdpo", divergence="js")  # an f-divergence, not a penalty
+    assert identity("dpo", use_weighting=True, ld_alpha=0.5) == identity("dpo")
+    assert identity("mixture", terms=[{"name": "ipo", "weight": 1}, {"name": "sft", "weight": 2}]
+                    ) == {"loss": "mixture", "family": "mixture", "terms": "ipo+sft"}
+    assert {identity(n)["family"] for n in ("nca_pair", "bco_pair", "apo_zero", "apo_down",
+                                            "sppo_hard")} == {"anchored"}
+    assert identity("aot")["family"] == identity("aot_unpaired")["family"] == "distributional"
 
 
 def _facts(hidden=6, emb=5, vocab=11):

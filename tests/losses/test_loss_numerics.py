@@ -20,6 +20,16 @@ CONFIGS = (
     + [("hmk_dpo", {"divergence": "js"})]
     + [("mi_dpo", {"prior": p}) for p in PRIORS]
     + [("tdpo", {"version": 1}), ("cal_dpo", {"length_normalize": True})]
+    # the TRL loss types away from their defaults, the modifiers, mixtures
+    + [("exo_pair", {"eps": 0.3}), ("discopop", {"tau": 0.5}), ("aot", {"eps": 0.2}),
+       ("sppo_hard", {"beta": 0.01})]
+    + [(n, {"use_weighting": True, "ld_alpha": 0.5})
+       for n in ("dpo", "ipo", "exo_pair", "apo_down", "discopop")]
+    + [("aot", {"ld_alpha": 0.0}), ("tdpo", {"use_weighting": True})]
+    + [("mixture", {"terms": [{"name": "dpo", "weight": 1, "use_weighting": True},
+                              {"name": "aot_unpaired", "weight": 0.5, "ld_alpha": 0.3},
+                              {"name": "sft", "weight": 1},
+                              {"name": "kernel_dpo", "weight": 0.1, "divergence": "js"}]})]
 )
 # epsilon_dpo perturbs full reference logits; every other loss also takes the top-k form
 FULL_ONLY = {"epsilon_dpo"}
@@ -43,16 +53,19 @@ def _extreme_batch(seed: int, low: float, topk: int | None, dtype):
        topk=st.sampled_from([None, 4]), double=st.booleans())
 def test_every_loss_is_finite_with_finite_gradients(seed, low, topk, double):
     dtype = torch.float64 if double else torch.float32
+    # one batch for every loss (the graph kept between them): building it is half the cost
+    batch = _extreme_batch(seed, low, topk, dtype)
     for name, params in CONFIGS:
         if topk and name in FULL_ONLY:
             continue
         if name in ("sparsepo",) or params.get("prior") == "sparsepo":
             params = {**params, "hidden_size": 6}
         loss_fn = build(name, **params).to(dtype)
-        batch = _extreme_batch(seed, low, topk, dtype)
+        for t in leaves(batch):
+            t.grad = None
         out = loss_fn(batch)
         assert torch.isfinite(out.loss), (name, params, out.loss)
-        out.loss.backward()
+        out.loss.backward(retain_graph=True)
         grads = [t.grad for t in leaves(batch) + list(loss_fn.parameters())
                  if t.grad is not None]
         assert grads, (name, params)

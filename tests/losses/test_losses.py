@@ -10,12 +10,16 @@ import torch
 
 from raypo.losses import LOSSES, PreferenceBatch, build
 
-from .batches import full_batch, sequence_batch
+from .batches import epsilon_batch, full_batch, sequence_batch
 
 
 def nls(x: float) -> float:
     """-log sigma(x), by hand."""
     return math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
 
 
 # One pair: h_w = -1 - (-1.5) = 0.5, h_l = -2 - (-1.5) = -0.5, delta = 1, |y_w| = 2, |y_l| = 4.
@@ -30,7 +34,7 @@ HAND_VALUES = {
     ("cdpo", ()): 0.9 * nls(0.1) + 0.1 * nls(-0.1),
     ("robust", ()): (0.9 * nls(0.1) - 0.1 * nls(-0.1)) / 0.8,
     ("simpo", ()): nls(2.0 * (-1.0 / 2 - -2.0 / 4) - 1.0),
-    ("rdpo", ()): nls(0.1 - 0.01 * (2 - 4)),
+    ("rdpo", ()): nls(0.1 + 0.01 * (2 - 4)),
     ("fdpo", (("divergence", "reverse_kl"),)): nls(0.1),
     ("fdpo", (("divergence", "forward_kl"),)): nls(0.1 * (-math.exp(-0.5) + math.exp(0.5))),
     ("fdpo", (("divergence", "js"),)): nls(
@@ -43,6 +47,21 @@ HAND_VALUES = {
     + 0.5 * ((0.25 - 5) ** 2 + (-0.125 + 5) ** 2),
     ("mi_dpo", ()): nls(0.1),
     ("beta_dpo", ()): nls(0.1),  # one pair: M_sel = M0, so beta_b = beta0
+    # TRL's loss types (beta 0.1: beta h_w = 0.05, beta h_l = -0.05, beta delta = 0.1)
+    ("exo_pair", ()): sig(0.1) * (math.log(sig(0.1)) - math.log(0.999))
+    + sig(-0.1) * (math.log(sig(-0.1)) - math.log(0.001)),
+    ("exo_pair", (("eps", 0.2),)): sig(0.1) * (math.log(sig(0.1)) - math.log(0.8))
+    + sig(-0.1) * (math.log(sig(-0.1)) - math.log(0.2)),
+    ("nca_pair", ()): nls(0.05) + 0.5 * nls(-0.05) + 0.5 * nls(0.05),
+    ("bco_pair", ()): nls(0.05) + nls(0.05),
+    ("sppo_hard", ()): (0.5 - 5) ** 2 + (-0.5 + 5) ** 2,
+    ("apo_zero", ()): (1 - sig(0.05)) + sig(-0.05),
+    ("apo_down", ()): sig(0.05) + (1 - sig(0.1)),
+    ("discopop", ()): (1 - sig(0.1 / 0.05)) * nls(0.1) + sig(0.1 / 0.05) * math.exp(-0.1),
+    ("sigmoid_norm", ()): nls(0.1 * (0.5 / 2 + 0.5 / 4)),
+    # one pair: sorting the batch changes nothing, AOT is cDPO
+    ("aot", (("eps", 0.2),)): 0.8 * nls(0.1) + 0.2 * nls(-0.1),
+    ("aot_unpaired", ()): nls(0.1),
 }
 
 
@@ -237,24 +256,10 @@ def test_kernel_dpo_routes_parameters_and_rejects_unknown_ones():
 
 # --- epsilon-DPO ----------------------------------------------------------------------------
 
-def _epsilon_batch(direction: float) -> PreferenceBatch:
-    """Policy logits = reference + direction * d, d raising the chosen labels' logits and
-    lowering the rejected ones'. Moving further along d (f+ = f + eps (f - f_ref)) raises
-    z when direction > 0, so z+ > z > z- and s = +1; direction < 0 gives s = -1."""
-    batch = full_batch(seed=11)
-    for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
-        ref = getattr(batch, f"ref_{side}_logits")
-        labels = getattr(batch, f"{side}_labels")
-        d = torch.zeros_like(ref).scatter(-1, labels[..., None], sign)
-        policy = (ref + direction * d).requires_grad_()
-        setattr(batch, f"policy_{side}_logits", policy)
-    return batch
-
-
 @pytest.mark.parametrize("direction,sign", [(1.0, 1.0), (-1.0, -1.0)])
 def test_epsilon_dpo_sign_rule(direction, sign):
     loss = build("epsilon_dpo", beta=0.1, eps=0.05)
-    batch = _epsilon_batch(direction)
+    batch = epsilon_batch(direction)
     s = loss.perturbation_signs(batch)
     assert torch.all(s == sign)
     out = loss(batch)
@@ -265,14 +270,14 @@ def test_epsilon_dpo_sign_rule(direction, sign):
 
 def test_epsilon_dpo_sign_zero_when_policy_equals_reference():
     loss = build("epsilon_dpo", eps=0.05)
-    assert torch.all(loss.perturbation_signs(_epsilon_batch(0.0)) == 0)
+    assert torch.all(loss.perturbation_signs(epsilon_batch(0.0)) == 0)
 
 
 def test_epsilon_dpo_beta_update_uses_the_mean_over_the_whole_step():
     loss = build("epsilon_dpo", beta=0.1, eps=0.1)
-    loss(_epsilon_batch(1.0))   # micro-batch 1: s = +1 on 4 pairs
-    loss(_epsilon_batch(1.0))   # micro-batch 2: +1 on 4 more
-    loss(_epsilon_batch(-1.0))  # micro-batch 3: -1 on 4
+    loss(epsilon_batch(1.0))   # micro-batch 1: s = +1 on 4 pairs
+    loss(epsilon_batch(1.0))   # micro-batch 2: +1 on 4 more
+    loss(epsilon_batch(-1.0))  # micro-batch 3: -1 on 4
     loss.on_step_end()
     assert loss.beta.item() == pytest.approx(0.1 / (1 + 0.1 * (4 / 12)))
     loss.on_step_end()  # nothing gathered since: beta stays
@@ -285,7 +290,7 @@ def test_epsilon_dpo_beta_update_uses_the_mean_over_the_whole_step():
 
 def test_epsilon_dpo_in_eval_mode_gathers_nothing():
     loss = build("epsilon_dpo", beta=0.1, eps=0.1).eval()
-    loss(_epsilon_batch(1.0))
+    loss(epsilon_batch(1.0))
     loss.on_step_end()
     assert loss.beta.item() == pytest.approx(0.1)
 
@@ -323,11 +328,149 @@ def test_beta_dpo_beta_never_below_floor():
     assert loss(batch).metrics["beta_batch"].item() == pytest.approx(1e-3)
 
 
+
+# --- R-DPO: the sign of the length term, from the paper's objective ---------------------------
+
+@pytest.mark.parametrize("loss", [("rdpo", {}), ("mi_dpo", {"prior": "rdpo"})], ids=str)
+@pytest.mark.parametrize("len_w,len_l", [(100, 20), (20, 100)])
+def test_rdpo_length_penalty_follows_the_papers_objective(loss, len_w, len_l):
+    # Park et al. 2024 maximise E[r(x, y)] - alpha |y| under the KL constraint: the reward the
+    # policy carries is r - alpha |y|, so Bradley-Terry on it gives
+    # -log sigma(beta delta + alpha (|y_w| - |y_l|)). With delta = 0, beta 0.1, alpha 0.01 and
+    # the chosen response longer: 0.371 (gradient on log pi(y_w) -0.031) against DPO's 0.693
+    # (-0.050); the rejected longer: 1.171 (-0.069).
+    name, params = loss
+    beta, alpha = 0.1, 0.01
+    runs = {}
+    for label, (n, p) in {"rdpo": (name, {**params, "beta": beta, "alpha": alpha}),
+                          "dpo": ("dpo", {"beta": beta})}.items():
+        batch = sequence_batch(-30.0, -40.0, -30.0, -40.0, len_w=[len_w], len_l=[len_l])
+        out = build(n, **p)(batch)
+        out.loss.backward()
+        runs[label] = (out.loss.item(), batch.policy_chosen_logps.grad.item())
+    gap = alpha * (len_w - len_l)
+    assert runs["rdpo"][0] == pytest.approx(nls(gap), rel=1e-12)
+    assert runs["rdpo"][1] == pytest.approx(-beta * sig(-gap), rel=1e-12)
+    assert runs["dpo"] == pytest.approx((math.log(2), -beta / 2), rel=1e-12)
+    chosen_longer = len_w > len_l
+    assert (runs["rdpo"][0] < runs["dpo"][0]) == chosen_longer
+    assert (abs(runs["rdpo"][1]) < abs(runs["dpo"][1])) == chosen_longer
+    if chosen_longer:  # the issue's numbers
+        assert (round(runs["rdpo"][0], 3), round(runs["rdpo"][1], 3)) == (0.371, -0.031)
+
+
+# --- fdpo far below the clamp ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divergence", ["forward_kl", "alpha"])
+def test_fdpo_keeps_the_chosen_gradient_where_its_log_ratio_falls_past_minus_50(divergence,
+                                                                               dtype):
+    # The loss keeps growing as h(y_w) falls, so descent must keep raising log pi(y_w): the
+    # gradient on it stays negative (and finite) at h = -60 and with log-probs of -1e4, where a
+    # clamp of h at -50 gave exactly 0.
+    loss_fn = build("fdpo", divergence=divergence, alpha=0.5)
+    values = []
+    for policy_w, ref_w in [(-49.0, 0.0), (-50.0, 0.0), (-60.0, 0.0), (-1e4, -5.0)]:
+        batch = sequence_batch(policy_w, -3.0, ref_w, -3.0, dtype=dtype)
+        out = loss_fn(batch)
+        out.loss.backward()
+        grad = batch.policy_chosen_logps.grad.item()
+        assert math.isfinite(out.loss.item()) and math.isfinite(grad)
+        assert grad < 0, (policy_w, grad)
+        values.append(out.loss.item())
+    assert values == sorted(values)  # the loss grows as h(y_w) falls
+
+
+def test_fdpo_continuation_is_the_tangent_at_minus_50():
+    from raypo.losses.fdpo import _exp_neg
+    for a in (1.0, 0.3):
+        h = torch.tensor([-50.0, -60.0, -1e4, 3.0], dtype=torch.float64, requires_grad=True)
+        values = _exp_neg(h, a)
+        values.sum().backward()
+        e50 = math.exp(50 * a)
+        assert values[0].item() == pytest.approx(e50, rel=1e-12)
+        assert values[1].item() == pytest.approx(e50 * (1 + a * 10), rel=1e-12)
+        assert values[3].item() == pytest.approx(math.exp(-3 * a), rel=1e-12)
+        assert h.grad[1].item() == pytest.approx(-a * e50, rel=1e-12)  # the slope at -50
+        assert h.grad[3].item() == pytest.approx(-a * math.exp(-3 * a), rel=1e-12)
+
+
+# --- smaller corrections ------------------------------------------------------------------------
+
+def test_mi_dpo_simpo_prior_equals_simpo_to_float64_precision_with_integer_lengths():
+    # The trainer's lengths are integer counts: 1/|y| must not be taken in float32.
+    g = torch.Generator().manual_seed(0)
+    n_w, n_l = torch.randint(1, 500, (64,), generator=g), torch.randint(1, 500, (64,), generator=g)
+
+    def batch():
+        gen = torch.Generator().manual_seed(1)
+        b = sequence_batch((-n_w * torch.rand(64, generator=gen, dtype=torch.float64)).tolist(),
+                           (-n_l * torch.rand(64, generator=gen, dtype=torch.float64)).tolist(),
+                           [0.0] * 64, [0.0] * 64)
+        b.chosen_lengths, b.rejected_lengths = n_w, n_l
+        return b
+
+    a, b = batch(), batch()
+    via_prior = build("mi_dpo", prior="simpo", beta=2.0, gamma=0.7)(a)
+    direct = build("simpo", beta=2.0, gamma=0.7)(b)
+    torch.testing.assert_close(via_prior.loss, direct.loss, rtol=1e-12, atol=0)
+    via_prior.loss.backward()
+    direct.loss.backward()
+    torch.testing.assert_close(a.policy_chosen_logps.grad, b.policy_chosen_logps.grad,
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_kernel_dpo_takes_a_zero_penalty_weight():
+    # alpha_div = 0 is an ablation point: the penalty is computed and logged, weighing nothing.
+    zero = build("kernel_dpo", gamma=0.3, divergence="js", alpha_div=0.0)(full_batch(seed=9))
+    plain = build("kernel_dpo", gamma=0.3)(full_batch(seed=9))
+    assert zero.loss.item() == pytest.approx(plain.loss.item(), rel=1e-12)
+    assert zero.metrics["divergence_penalty"].item() > 0
+    assert build("hmk_dpo", alpha_div=0.0, divergence="kl").alpha_div == 0.0
+
+
+def test_sft_is_the_token_mean_nll_of_the_chosen_responses_over_the_batch():
+    batch = sequence_batch([-3.0, -3.0], [-1.0, -2.0], [0.0, 0.0], [0.0, 0.0],
+                           len_w=[2, 1], len_l=[1, 1])
+    batch.policy_chosen_token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]],
+                                                   dtype=torch.float64, requires_grad=True)
+    batch.chosen_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    out = build("sft")(batch)
+    assert out.loss.item() == pytest.approx((1 + 2 + 3) / 3)  # not (1.5 + 3) / 2
+    out.loss.backward()
+    torch.testing.assert_close(batch.policy_chosen_token_logps.grad,
+                               -batch.chosen_mask / 3)
+    assert out.chosen_rewards.tolist() == [-1.5, -3.0]  # the mean log-prob per token
+
+
+def test_aot_unpaired_ignores_which_rejected_response_was_paired_with_which():
+    batch = full_batch(seed=12)
+    shuffled = full_batch(seed=12)
+    order = torch.tensor([2, 0, 3, 1])
+    for f in ("policy_rejected_logps", "ref_rejected_logps"):
+        setattr(shuffled, f, getattr(shuffled, f)[order])
+    unpaired = build("aot_unpaired", eps=0.1)
+    assert unpaired(batch).loss.item() == pytest.approx(unpaired(shuffled).loss.item(),
+                                                        rel=1e-12)
+    paired = build("aot", eps=0.1)
+    assert paired(batch).loss.item() != pytest.approx(paired(shuffled).loss.item(), rel=1e-6)
+
+
+def test_aot_sorts_the_margins_across_the_batch():
+    # two pairs: policy gaps logp_w - logp_l = (3, -1), reference gaps (0, 2); sorted:
+    # (-1, 3) - (0, 2) = (-1, 1)
+    batch = sequence_batch([1.0, -1.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0])
+    expected = (nls(0.5 * -1) + nls(0.5 * 1)) / 2
+    assert build("aot", beta=0.5)(batch).loss.item() == pytest.approx(expected, rel=1e-12)
+
 # --- the interface ------------------------------------------------------------------------
 
 def test_every_issue_loss_is_registered_and_documented():
     names = {"dpo", "ipo", "hinge", "cdpo", "robust", "simpo", "fdpo", "kernel_dpo", "hmk_dpo",
-             "epsilon_dpo", "cal_dpo", "mi_dpo", "tdpo", "sparsepo", "rdpo", "beta_dpo"}
+             "epsilon_dpo", "cal_dpo", "mi_dpo", "tdpo", "sparsepo", "rdpo", "beta_dpo",
+             # every TRL 1.16 loss_type (sigmoid is dpo), and its list of them
+             "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+             "apo_down", "discopop", "sigmoid_norm", "sft", "mixture"}
     assert names <= set(LOSSES)
     for name in LOSSES:
         doc = LOSSES[name].__doc__ or ""
@@ -354,6 +497,11 @@ def test_missing_batch_fields_are_named():
     ("tdpo", {"version": 3}, "version must be 1 or 2"),
     ("kernel_dpo", {"kernel": "gauss"}, "unknown kernel 'gauss'"),
     ("kernel_dpo", {"divergence": "tv"}, "unknown divergence 'tv'"),
+    ("kernel_dpo", {"alpha_div": -0.1}, "alpha_div must be >= 0"),
+    ("exo_pair", {"eps": 0.0}, r"eps must be in \(0.0, 0.5\)"),
+    ("discopop", {"tau": 0.0}, "tau must be > 0"),
+    ("aot", {"eps": 0.5}, r"eps must be in \[0.0, 0.5\)"),
+    ("sft", {"beta": 0.1}, "has no parameter 'beta'"),
 ])
 def test_bad_parameters_name_the_field(name, params, match):
     with pytest.raises(ValueError, match=match):

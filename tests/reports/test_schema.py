@@ -46,6 +46,11 @@ def test_every_searched_parameter_is_its_own_column_with_the_trial_value(variant
     space, samples, table = variants
     for i, values in enumerate(samples):
         for name, value in values.items():
+            if isinstance(value, list):  # a mixture's fixed terms: their names, then a column
+                assert table.loc[i, name] == "+".join(t["name"] for t in value)  # per value
+                for term in value:
+                    assert table.loc[i, f"mixture.{term['name']}.weight"] == term["weight"]
+                continue
             assert table.loc[i, name] == value, (name, i)
 
 

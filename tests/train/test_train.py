@@ -22,6 +22,12 @@ LOSS_CONFIGS = [[f"loss={name}"] for name in sorted(LOSSES)] + [
     ["loss=mi_dpo", "loss.prior=sparsepo"],
     ["loss=mi_dpo", "loss.prior=learnable"],
     ["loss=dpo", "beta_schedule=cosine"],
+    # WPO (log sum_v p_v^2 from the policy's forward) and LD-DPO (cached reference per-token
+    # log-probs); a mixture with both, a beta schedule and an adaptive term
+    ["loss=dpo", "loss.use_weighting=true", "loss.ld_alpha=0.5"],
+    ["loss=mixture", "beta_schedule=linear",
+     'loss.terms=[{name: epsilon_dpo, weight: 1, use_weighting: true}, '
+     '{name: aot, weight: 0.5, ld_alpha: 0.3}, {name: sft, weight: 1}]'],
 ]
 
 
