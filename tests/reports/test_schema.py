@@ -112,3 +112,24 @@ def test_a_metric_named_like_a_column_is_kept_apart():
     row = trial_row(space.fixed_config(), {"trial_id": "t", "status": "ok", "error": None,
                                            "objective": 0.5, "lr": 0.5, "steps": 7})
     assert row["lr"] == 1e-3 and row["final_lr"] == 0.5 and row["final_steps"] == 7
+
+
+def test_a_mixture_weight_is_searched_as_its_own_column():
+    space = parse_space({"loss": {"name": "mixture", "terms": [
+        {"name": "dpo", "weight": {"low": 0.0, "high": 1.0}, "beta": 0.2},
+        {"name": "sft", "weight": 1.0}]}}, "s.yaml")
+    assert [p.name for p in space.params] == ["mixture.dpo.weight"]
+    values = {"mixture.dpo.weight": 0.3}
+    cfg = space.config(values)
+    assert cfg.loss.params["terms"][0] == {"name": "dpo", "weight": 0.3, "beta": 0.2}
+    row = trial_row(cfg, {"trial_id": "t", "status": "ok", "error": None, "objective": 0.5})
+    assert row["mixture.dpo.weight"] == 0.3 and row["mixture.dpo.beta"] == 0.2
+    assert row["mixture.sft.weight"] == 1.0 and row["terms"] == "dpo+sft"
+
+
+def test_terms_cannot_be_searched_inside_while_the_loss_is_searched():
+    from raypo.search.space import SpaceError
+
+    with pytest.raises(SpaceError, match="when the loss itself is fixed"):
+        parse_space({"loss": {"name": {"choice": ["dpo", "mixture"]}, "terms": [
+            {"name": "dpo", "weight": {"low": 0.0, "high": 1.0}}]}}, "s.yaml")
