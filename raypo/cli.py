@@ -290,6 +290,11 @@ def confirm(
 ) -> None:
     """Train the search's best configurations and their baselines under several seeds and say
     whether any beats the baseline beyond seed noise (resumes an interrupted confirmation)."""
+    import os
+
+    if address is None and "ray" not in sys.modules:
+        # a local instance listens on loopback only (Ray reads this when it is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from raypo.reports import load
     from raypo.reports.lock import LockedError, ReportLock
     from raypo.reports.writer import ReportWriteError
@@ -306,7 +311,8 @@ def confirm(
     try:
         space = parse_space(rep.meta["space"], rep.meta.get("source", str(report)))
         settings = (space.settings.confirm or Confirm()).model_dump()
-        settings.update({k: v for k, v in {"top": top, "seeds": seeds}.items() if v})
+        settings.update({k: v for k, v in {"top": top, "seeds": seeds}.items()
+                         if v is not None})
         if baseline:
             settings["baseline"] = {"name": baseline}
         with ReportLock(report, "confirm"):  # one writer per report

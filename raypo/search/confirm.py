@@ -32,7 +32,7 @@ import pandas as pd
 from raypo.losses import LOSSES
 from raypo.reports.schema import describe, searched_values
 from raypo.reports.stats import ALPHA, holm, paired, summary
-from raypo.reports.writer import write_json_atomic, write_parquet_atomic
+from raypo.reports.writer import read_table, write_json_atomic, write_parquet_atomic
 from raypo.search.space import Confirm, SearchSpace, SpaceError
 from raypo.train.config import TrainConfig
 
@@ -148,8 +148,7 @@ def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Pl
 
 
 def _done_runs(directory: Path) -> pd.DataFrame:
-    path = directory / RUNS
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    return read_table(directory / RUNS)
 
 
 def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
@@ -168,7 +167,7 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
     trials_path = directory / "trials.parquet"
     if not trials_path.is_file():
         raise SpaceError(f"{directory}: no trials.parquet: nothing to confirm")
-    plan = make_plan(pd.read_parquet(trials_path), space, settings)
+    plan = make_plan(read_table(trials_path), space, settings)
     if not plan.finalists:
         raise SpaceError(f"{directory}: no finished trial to confirm")
     plan_path = directory / PLAN
