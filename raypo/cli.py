@@ -29,6 +29,11 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="override: key=value")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="final metrics as JSON")] = False,
     name: Annotated[str | None, typer.Option(help="report name (default: config's)")] = None,
+    save: Annotated[Path | None, typer.Option(help="write the trained policy here: a Hugging "
+                                              "Face folder (LoRA: the adapter) + raypo.json")]
+    = None,
+    merge: Annotated[bool, typer.Option(help="with --save and LoRA: merged weights, not the "
+                                        "adapter")] = False,
 ) -> None:
     """Train one DPO variant; write a one-trial report under reports/<name>/."""
     from tqdm import tqdm
@@ -45,6 +50,7 @@ def train(
     if name:
         cfg = cfg.model_copy(update={"name": name})
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    model_save = _model_save(save, merge, cfg, log)
     bar = tqdm(total=cfg.steps, desc=f"train {cfg.loss.name}", file=sys.stderr,
                dynamic_ncols=True)
 
@@ -58,7 +64,8 @@ def train(
                   file=sys.stderr)
 
     try:
-        row, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress)
+        row, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
+                                 save=model_save)
     except (DataError, ConfigError) as e:
         bar.close()
         _fail(str(e))
@@ -75,6 +82,26 @@ def train(
                 "true_reward", "ref_true_reward", "tokens_per_s", "wall_s", "objective",
                 "eval_loss", "htsr_alpha_mean")
         typer.echo(json.dumps({k: row.get(k) for k in keys if k in row}))
+
+
+def _model_save(save: Path | None, merge: bool, cfg, log):
+    """The --save target, checked before training (a refused folder costs no training)."""
+    from raypo.models.save import ModelSave, SaveError
+
+    if save is None:
+        if merge:
+            _fail("--merge: only with --save DIR")
+        return None
+    if merge and cfg.lora is None:
+        log("--merge: no LoRA adapters in this config; the full model is saved")
+    target = ModelSave(save, merge=merge,
+                       meta={"report": str((Path(cfg.reports) / cfg.name).resolve()),
+                             "trial_id": "train"})
+    try:
+        target.check()
+    except SaveError as e:
+        _fail(f"--save {e}")
+    return target
 
 
 @app.command()

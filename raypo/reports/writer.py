@@ -1,14 +1,18 @@
 """Atomic Parquet writers: a table is rewritten whole to a temporary file in the same folder
-and renamed over the old one, so a reader (or a killed writer) never sees half a table."""
+and renamed over the old one, so a reader (or a killed writer) never sees half a table.
+
+Files get the permissions the user's umask gives a new file (0644 with umask 022, 0664 with
+002), not `tempfile`'s private 0600: a report folder is shared (a team's NFS mount, a web
+server)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from raypo.files import atomic_write
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -26,23 +30,11 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
     frame = _parquet_safe(frame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: frame.to_parquet(f, index=False), mode="wb")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(payload, f, indent=2, default=str))
 
 
 class ReportWriter:
@@ -72,6 +64,18 @@ class ReportWriter:
             old = self.steps[self.steps["trial_id"] != trial_id] if len(self.steps) else None
             self.steps = pd.concat([old, rows], ignore_index=True)
             write_parquet_atomic(self.directory / "steps.parquet", self.steps)
+
+    def update_trial(self, trial_id: str, **values) -> None:
+        """Set columns of a row already written (a kept model that a better trial replaced
+        gets `model_path` null)."""
+        if not len(self.trials) or not (self.trials["trial_id"] == trial_id).any():
+            return
+        for column, value in values.items():
+            if column not in self.trials:
+                self.trials[column] = None
+            self.trials[column] = self.trials[column].astype(object)
+            self.trials.loc[self.trials["trial_id"] == trial_id, column] = value
+        write_parquet_atomic(self.directory / "trials.parquet", self.trials)
 
     def write_meta(self, payload: dict) -> None:
         write_json_atomic(self.directory / "search.json", payload)

@@ -54,7 +54,7 @@ def cache_key(cfg: TrainConfig) -> str:
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
         "reads": sorted(declared.fields), "live": declared.full_reference_logits,
         "fitted": declared.fitted_embeddings, "embedding_source": cfg.embedding_source,
-        "lora": cfg.lora}, sort_keys=True, default=str)
+        "lora": cfg.lora, "sft_steps": cfg.sft_steps}, sort_keys=True, default=str)
 
 
 def warm_caches(space: SearchSpace, log=_log) -> int:

@@ -19,7 +19,7 @@ from raypo.models.encoder import check_available, encoder_name
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
 # search space with every value fixed is a training config.
 SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
-                   "selection")
+                   "selection", "keep")
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,10 @@ class TrainConfig(_Strict):
     # how Ray Train workers share the policy (num_workers > 1): ddp replicates it, fsdp shards
     # parameters, gradients and optimizer state across workers
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end (a search trial: every eval)
+    # own data without a model: steps fitting the tiny model to the data's responses first
+    # (raypo.train.base_model); 0 keeps random weights as the start and the reference
+    sft_steps: int = Field(300, ge=0)
     lora: dict[str, Any] | None = None
     reports: str = "reports"
 
@@ -165,6 +168,9 @@ class TrainConfig(_Strict):
             # the LoRA reference is the policy with adapters off, which would run outside the
             # FSDP wrapper on sharded weights
             raise ValueError("parallel: fsdp does not support lora yet; use parallel: ddp")
+        if "sft_steps" in self.model_fields_set and (self.model is not None or self.builtin):
+            raise ValueError("sft_steps fits the tiny built-in model to your data: it needs "
+                             "`data` and no `model` (the built-in task has task.base_steps)")
         return self
 
     @property
