@@ -1,4 +1,4 @@
-"""The `raypo` command line: search, select, report, metrics and train."""
+"""The `raypo` command line: search, select, report, metrics, train and export."""
 
 from __future__ import annotations
 
@@ -213,6 +213,30 @@ def report_command(
     except (OSError, ValueError) as e:  # unreadable Parquet or search.json
         _fail(f"{report}: cannot read the report: {e}")
     typer.echo(str(write_html(loaded, out or report / "report.html")))
+
+
+@app.command("export")
+def export_command(
+    report: Annotated[Path, typer.Argument(help="a report folder: reports/<name>")],
+    out: Annotated[Path, typer.Argument(help="the folder to write the model to")],
+    trial: Annotated[str | None, typer.Option(help="trial id (default: the best trial)")]
+    = None,
+    rebuild: Annotated[bool, typer.Option(help="re-train the trial's config if its model was "
+                                          "not kept")] = False,
+    merge: Annotated[bool, typer.Option(help="a LoRA adapter comes out merged")] = False,
+) -> None:
+    """Copy a kept model of a report (or rebuild one) into a Hugging Face folder."""
+    from raypo.data.errors import DataError
+    from raypo.models.save import SaveError
+    from raypo.search.export import export_model
+    from raypo.train.config import ConfigError
+
+    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    try:
+        path = export_model(report, out, trial, rebuild=rebuild, merge=merge, log=log)
+    except (ConfigError, SaveError, DataError) as e:  # ExportError is a ConfigError
+        _fail(str(e))
+    typer.echo(str(path))
 
 
 @app.command("metrics")

@@ -5,6 +5,10 @@ race on a file; each table is rewritten atomically when a trial ends. A trial th
 its final report was stopped by the scheduler (pruned) or died (failed): its row is made from
 its config and its last report. A trial that ends twice (a resumed search re-runs a trial that
 was running when the driver died) replaces its own row: every trial is in the table once.
+
+As a trial ends, the recorder also decides whether its model is kept (`keep:`, through
+raypo.search.keep.ModelKeeper: `model_path` in the row, null for the models pushed out) and
+removes the trial's Tune checkpoints, which only a retry of a running trial needs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ray import tune
 
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
+from raypo.search.keep import ModelKeeper, remove_empty_staging
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 from raypo.train.run import hyperparameters
@@ -59,6 +64,12 @@ class ReportRecorder(tune.Callback):
             self._writer = ReportWriter(Path(self.directory), search=self.search)
         return self._writer
 
+    @property
+    def keeper(self) -> ModelKeeper:
+        objective = self.space.objectives[0]
+        return ModelKeeper(self.directory, best=self.space.settings.keep.count,
+                           mode=objective.mode, metric=objective.metric)
+
     def setup(self, **info) -> None:
         self._writer = None  # re-read the tables: after a resume they are newer than us
         self._steps = {}
@@ -75,10 +86,15 @@ class ReportRecorder(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.record(trial.trial_id, trial.config, trial.last_result or {},
                     number=trial_number(trial))
+        remove_checkpoints(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial.trial_id, trial.config, trial.last_result or {},
                     error=_error_text(trial), number=trial_number(trial))
+        remove_checkpoints(trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        remove_empty_staging(self.directory)
 
     # -- rows ---------------------------------------------------------------------------------
     def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
@@ -93,9 +109,13 @@ class ReportRecorder(tune.Callback):
                         if k not in TUNE_KEYS})
             row["status"] = "failed" if error else "pruned"
             row["error"] = error
-            steps = self._steps.get(trial_id, [])
+            # a retried trial reports its steps since the checkpoint again: the last of each
+            steps = list({s.get("step"): s for s in self._steps.get(trial_id, [])}.values())
         row = self._complete(row, config, number)
+        evicted = self._keep_model(row)
         self.writer.write_trial(row, steps)
+        for other in evicted:
+            self.writer.update_trial(other, model_path=None)
         self._steps.pop(trial_id, None)
         if self.echo:
             self._show(row)
@@ -115,6 +135,14 @@ class ReportRecorder(tune.Callback):
             if leaf != "name" and leaf not in row:
                 row[leaf] = config[name]
         return row
+
+    def _keep_model(self, row: dict) -> list[str]:
+        """The row's `model_path` (its model kept or not); returns the trials whose kept
+        models it pushed out."""
+        ok = row.get("status") == "ok"
+        changes = self.keeper.offer(row["trial_id"], row["objective"] if ok else None)
+        row["model_path"] = changes.pop(row["trial_id"])
+        return list(changes)
 
     def predicted_rank(self, row: dict) -> float | None:
         """The selection rule's rank of the row's (kernel, divergence), for a loss whose pair
@@ -136,7 +164,9 @@ class ReportRecorder(tune.Callback):
                     f"({ok.loc[i, 'trial_id']}: {_describe(ok.loc[i])})")
         value = "" if row["objective"] is None else f" {objective.metric} {row['objective']:.4f}"
         error = f" ({row['error'].splitlines()[0][:80]})" if row.get("error") else ""
-        print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{best}",
+        kept = f" [model kept: {row['model_path']}]" if row.get("model_path") else ""
+        print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{kept}"
+              f"{best}",
               file=sys.stderr, flush=True)
 
 
@@ -147,6 +177,26 @@ def _describe(row) -> str:
         if isinstance(value, str) and value not in ("constant",):
             parts.append(value)
     return " ".join(parts)
+
+
+def remove_checkpoints(trial) -> None:
+    """The Tune checkpoints of a trial that ended (only a retry of a running trial reads
+    them), so that a long search does not fill its storage; on any storage Tune writes to."""
+    import pyarrow.fs
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:
+        return
+    fs, root = storage.storage_filesystem, storage.trial_fs_path
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        for entry in entries:
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
+                    "checkpoint_"):
+                fs.delete_dir(entry.path)
+    except OSError as error:  # the row is written; a checkpoint left behind only costs disk
+        print(f"{trial.trial_id}: could not remove its checkpoints under {root}: {error}",
+              file=sys.stderr)
 
 
 def _error_text(trial) -> str:

@@ -270,8 +270,9 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     write_json_atomic(directory / "search.json", _meta(space, "running", started, extra))
     recorder = ReportRecorder(str(directory), space.name, space, ranks,
                               total=space.settings.budget.trials)
-    trainable = tune.with_resources(tune.with_parameters(search_trial, space=space),
-                                    _resources(space))
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trial, space=space, report_dir=str(directory)),
+        _resources(space))
     if resume:
         log(f"resuming {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
@@ -316,7 +317,9 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                                     time_budget_s=budget.time_limit_s, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
                                   callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=1)))
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  # a retried trial resumes from its latest checkpoint only
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _reconcile(results, recorder: ReportRecorder) -> None:

@@ -14,7 +14,7 @@ search's own sections. A value is
   holds (and the parameters it names exist).
 
 Search sections: `objective` (or `objectives`, two for a Pareto search), `budget`,
-`scheduler`, `resources`, `sampler`, `selection`; see the models below.
+`scheduler`, `resources`, `sampler`, `selection`, `keep`; see the models below.
 """
 
 from __future__ import annotations
@@ -91,6 +91,25 @@ class Selection(_Strict):
     max_pairs: int = Field(512, ge=8)  # pairs the metrics are computed on
 
 
+class Keep(_Strict):
+    """The trained models a search keeps under reports/<name>/models/<trial_id>/ (see
+    raypo.search.keep): the `best` best finished trials by the first objective, `all` of
+    them, or 0 for none."""
+
+    best: int | Literal["all"] = 1
+
+    @model_validator(mode="after")
+    def _count(self) -> Keep:
+        if self.best != "all" and self.best < 0:
+            raise ValueError("best: expected a number of trials >= 0, or all")
+        return self
+
+    @property
+    def count(self) -> int | None:
+        """How many to keep; None for all."""
+        return None if self.best == "all" else self.best
+
+
 class SearchSettings(_Strict):
     objective: Objective | None = None
     objectives: list[Objective] | None = Field(None, min_length=1, max_length=2)
@@ -99,10 +118,13 @@ class SearchSettings(_Strict):
     resources: Resources = Resources()
     sampler: Sampler = Sampler()
     selection: Selection = Selection()
+    keep: Keep = Keep()
 
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("keep"), int | str):
+            data = {**data, "keep": {"best": data["keep"]}}  # keep: 2, keep: all
         if isinstance(data, dict) and isinstance(data.get("scheduler"), str):
             data = {**data, "scheduler": {"name": data["scheduler"]}}
         if isinstance(data, dict) and isinstance(data.get("objective"), str):

@@ -44,7 +44,7 @@ def test_a_saved_policy_loads_with_from_pretrained_and_reproduces_the_held_out_l
     again = held_out_metrics(setup, model.eval())
     for key in ("eval_loss", "chosen_reward", "rejected_reward", "pref_accuracy"):
         assert again[key] == pytest.approx(row[key], rel=1e-5, abs=1e-7), key
-    assert not again["chosen_reward"] == pytest.approx(0.0, abs=1e-6)  # it did train
+    assert abs(again["chosen_reward"]) > 1e-6  # it did train
 
     # the tiny tokenizer round-trips through AutoTokenizer: same ids, specials, chat template
     tiny = tiny_tokenizer()
