@@ -142,7 +142,18 @@ class _Reports:
         if self.pending is None:
             return
         metrics, self.pending = self.pending, None
-        tune.report(metrics, checkpoint=self._new_checkpoint())
+        found = self._new_checkpoint()
+        try:
+            tune.report(metrics, checkpoint=found)
+        except RuntimeError as error:
+            if found is None or "storage" not in str(error):
+                raise
+            # a trial on a node that does not see the search's storage (a local report folder
+            # on a multi-node cluster): it goes on without checkpoints rather than failing
+            print(f"checkpoints off for this trial: {str(error).splitlines()[0]} (put the "
+                  "report folder on shared storage, see the README)", file=sys.stderr)
+            self.local = None
+            tune.report(metrics)
 
     def _new_checkpoint(self):
         path = self.local / checkpoint.NAME if self.local else None
