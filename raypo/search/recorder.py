@@ -181,7 +181,12 @@ def _describe(row) -> str:
 
 def remove_checkpoints(trial) -> None:
     """The Tune checkpoints of a trial that ended (only a retry of a running trial reads
-    them), so that a long search does not fill its storage; on any storage Tune writes to."""
+    them), so that a long search does not fill its storage; on any storage Tune writes to.
+
+    The folders stay, empty: Tune saves its experiment state every few seconds, and a driver
+    killed before the next save leaves the trial listed as running; `--resume` then restores
+    it, which needs its checkpoint folder to exist, and an empty one makes the trial start
+    again from step 0 (raypo.search.trial), as it did before trials checkpointed."""
     import pyarrow.fs
 
     storage = getattr(trial, "storage", None)
@@ -193,7 +198,7 @@ def remove_checkpoints(trial) -> None:
         for entry in entries:
             if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
                     "checkpoint_"):
-                fs.delete_dir(entry.path)
+                fs.delete_dir_contents(entry.path)
     except OSError as error:  # the row is written; a checkpoint left behind only costs disk
         print(f"{trial.trial_id}: could not remove its checkpoints under {root}: {error}",
               file=sys.stderr)

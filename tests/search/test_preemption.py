@@ -79,4 +79,5 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
     assert list(steps["step"]) == [h["step"] for h in history]  # every evaluation, once
     assert steps["eval_loss"].to_numpy() == pytest.approx([h["eval_loss"] for h in history],
                                                           rel=1e-5)
-    assert not list((folder / "tune").glob("*/checkpoint_*"))  # removed once it ended
+    # ended trials keep no checkpoint (empty folders stay for Tune's experiment state)
+    assert not [f for f in (folder / "tune").glob("*/checkpoint_*/**/*") if f.is_file()]
