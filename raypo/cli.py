@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -40,6 +41,7 @@ def train(
 
     from raypo.data.errors import DataError
     from raypo.reports import ReportWriter
+    from raypo.reports.schema import trial_row
     from raypo.train.config import ConfigError, load_config
     from raypo.train.run import run_trial
 
@@ -64,12 +66,13 @@ def train(
                   file=sys.stderr)
 
     try:
-        row, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
-                                 save=model_save)
+        result, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
+                                    save=model_save)
     except (DataError, ConfigError) as e:
         bar.close()
         _fail(str(e))
     bar.close()
+    row = trial_row(cfg, result)
     out = Path(cfg.reports) / cfg.name
     writer = ReportWriter(out, search=cfg.name)
     writer.write_trial(row, history)
@@ -114,6 +117,9 @@ def search(
     name: Annotated[str | None, typer.Option(help="report name (default: the space's)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted search")] = False,
     reports: Annotated[Path, typer.Option(help="folder of reports")] = Path("reports"),
+    confirm: Annotated[bool | None, typer.Option(
+        "--confirm/--no-confirm", help="run the confirmation stage after the search "
+        "(default: when the space has a `confirm:` section)")] = None,
 ) -> None:
     """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
     from raypo.data.errors import DataError
@@ -127,7 +133,8 @@ def search(
         _fail("--samples: expected a positive number of trials")
     try:
         parsed = load_space(space, overrides)
-        out = run_search(parsed, reports=reports, address=address, resume=resume)
+        out = run_search(parsed, reports=reports, address=address, resume=resume,
+                         confirm=confirm)
     except (SpaceError, ConfigError, DataError) as e:
         _fail(str(e))
     from raypo.reports import load
@@ -145,22 +152,40 @@ def search(
     elif len(report.ok):
         best = report.best()
         typer.echo(f"best: {best['trial_id']} {objectives[0]['metric']} "
-                   f"{best['objective']:.4f}", err=True)
+                   f"{best['objective']:.4f} (single seed)", err=True)
+    if report.verdict:
+        typer.echo(f"verdict: {report.verdict}", err=True)
     typer.echo(str(out))
+
+
+def _number(value):
+    """A JSON-safe value: numpy scalars as Python numbers (whole numbers as ints), NaN and
+    missing as None."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool | int):
+        return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return value
+    return None if math.isnan(value) else value
 
 
 @app.command()
 def select(
     report: Annotated[Path, typer.Argument(help="a report folder (reports/<name>)")],
-    top: Annotated[int, typer.Option(help="how many pairs to show")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="a JSON list on the last line")]
+    top: Annotated[int, typer.Option(help="how many pairs (or trials) to show")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")]
     = False,
 ) -> None:
-    """The chosen kernel-divergence pair(s) of a search, with the evidence."""
-    import json
-    import math
-
+    """The chosen variant of a search and how sure it is: the confirmation's verdict (the
+    finalists against the baseline over several seeds) or, without one, the single-seed
+    ranking of kernel-divergence pairs (or of trials)."""
     from raypo.reports import load
+    from raypo.reports.schema import describe
 
     if top < 1:
         _fail("--top: expected a positive number")
@@ -168,30 +193,105 @@ def select(
         rep = load(report)
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
-    pairs = rep.pairs()
-    if pairs.empty:
-        _fail(f"{report}: no finished trial of a kernel loss to choose from; "
-              f"{len(rep.trials)} trials in the report")
-    chosen = pairs.head(top)
-    metric = rep.objective["metric"]
-    rows = [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
-             "metric": metric,
-             "std": None if math.isnan(r.std) else r.std, "best": r.best,
-             "trials": int(r.trials),
-             "predicted_rank": None if math.isnan(r.predicted_rank) else int(r.predicted_rank)}
-            for r in chosen.itertuples()]
+    metric, mode = rep.objective["metric"], rep.objective["mode"]
+    pairs = rep.pairs().head(top)
+    best = rep.ok.sort_values("objective", ascending=mode == "min").head(top)
+    if pairs.empty and best.empty:
+        _fail(f"{report}: no finished trial to choose from; {len(rep.trials)} trials in the "
+              "report")
+    stats = rep.confirmation()
+    confirmed = not stats.empty
+    out = {
+        "report": str(report), "status": rep.status, "metric": metric, "mode": mode,
+        "single_seed": not confirmed,
+        "pairs": [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
+                   "metric": metric, "std": _number(r.std), "best": r.best,
+                   "trials": int(r.trials), "predicted_rank": _number(r.predicted_rank)}
+                  for r in pairs.itertuples()],
+        "best": [{"trial_id": row["trial_id"], "variant": describe(row),
+                  "objective": _number(row["objective"])} for _, row in best.iterrows()],
+        "confirmation": [{k: _number(v) for k, v in row.items()}
+                         for row in stats.to_dict("records")]
+        if confirmed else None,
+        "verdict": rep.verdict if confirmed else
+        "single-seed ranking: no confirmation has run (raypo confirm REPORT)",
+    }
     if as_json:
-        typer.echo(json.dumps(rows))
+        typer.echo(json.dumps(out))
         return
-    total = len(rep.trials)
-    typer.echo(f"{rep.meta.get('name', report)}: {len(pairs)} kernel-divergence pairs tried "
-               f"in {total} trials; objective {metric} ({rep.objective['mode']})")
-    for i, r in enumerate(rows, 1):
-        spread = "" if r["std"] is None else f" ± {r['std']:.4f}"
-        rank = "-" if r["predicted_rank"] is None else r["predicted_rank"]
-        typer.echo(f"{i}. kernel {r['kernel']}, divergence {r['divergence']}: "
-                   f"{metric} {r['objective']:.4f}{spread} (best {r['best']:.4f}, "
-                   f"{r['trials']} trial{'s' * (r['trials'] != 1)}, predicted rank {rank})")
+    name = rep.meta.get("name", report)
+    typer.echo(f"{name}: {len(rep.trials)} trials; objective {metric} ({mode})")
+    if rep.status != "finished":
+        typer.echo(f"warning: this search is {rep.status}: its trials are not all done "
+                   "(raypo search SPACE --resume continues it)")
+    if confirmed:
+        row0 = stats.iloc[0]
+        typer.echo(f"confirmation: {len(stats)} finalist(s) against {row0['baseline']}, "
+                   f"{int(row0['seeds'])} seeds each, paired by seed (paired t-test, "
+                   "Holm-corrected across finalists)")
+        for r in stats.itertuples():
+            typer.echo(
+                f"{r.rank}. {r.label}: {metric} {r.mean:.4f} (95% CI {r.ci_low:.4f} to "
+                f"{r.ci_high:.4f}, n {r.n}); {r.baseline} {r.baseline_mean:.4f} "
+                f"(95% CI {r.baseline_ci_low:.4f} to {r.baseline_ci_high:.4f}); difference "
+                f"{r.diff_mean:+.4f} (95% CI {r.diff_ci_low:+.4f} to {r.diff_ci_high:+.4f}), "
+                f"Holm p {r.p_holm:.3g}, d_z {r.effect_size:.2f}")
+        typer.echo(f"verdict: {rep.verdict}")
+        return
+    if not pairs.empty:
+        typer.echo(f"{len(rep.pairs())} kernel-divergence pairs tried:")
+        for i, r in enumerate(out["pairs"], 1):
+            spread = "" if r["std"] is None else f" ± {r['std']:.4f}"
+            rank = "-" if r["predicted_rank"] is None else int(r["predicted_rank"])
+            typer.echo(f"{i}. kernel {r['kernel']}, divergence {r['divergence']}: "
+                       f"{metric} {r['objective']:.4f}{spread} (best {r['best']:.4f}, "
+                       f"{r['trials']} trial{'s' * (r['trials'] != 1)}, predicted rank {rank})")
+    else:
+        for i, r in enumerate(out["best"], 1):
+            typer.echo(f"{i}. {r['trial_id']} {r['variant']}: {metric} {r['objective']:.4f}")
+    typer.echo("this ranking is single-seed: each trial ran once, across different settings, "
+               "so its order may be seed noise; `raypo confirm REPORT` (or `confirm:` in the "
+               "space) tests the best against dpo over several seeds")
+
+
+@app.command()
+def confirm(
+    report: Annotated[Path, typer.Argument(help="a search's report folder (reports/<name>)")],
+    top: Annotated[int | None, typer.Option(help="finalists (confirm.top)")] = None,
+    seeds: Annotated[int | None, typer.Option(help="seeds per configuration")] = None,
+    baseline: Annotated[str | None, typer.Option(help="the baseline loss (default dpo)")]
+    = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster ('auto' after ray up)")] = None,
+) -> None:
+    """Train the search's best configurations and their baselines under several seeds and say
+    whether any beats the baseline beyond seed noise (resumes an interrupted confirmation)."""
+    from raypo.reports import load
+    from raypo.search.confirm import run_confirmation
+    from raypo.search.space import Confirm, SpaceError, parse_space
+
+    try:
+        rep = load(report)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(str(e))
+    if rep.meta.get("kind") != "search" or "space" not in rep.meta:
+        _fail(f"{report}/search.json: not the report of a search (no space recorded)")
+    try:
+        space = parse_space(rep.meta["space"], rep.meta.get("source", str(report)))
+        settings = (space.settings.confirm or Confirm()).model_dump()
+        settings.update({k: v for k, v in {"top": top, "seeds": seeds}.items() if v})
+        if baseline:
+            settings["baseline"] = {"name": baseline}
+        result = run_confirmation(space, report, Confirm.model_validate(settings),
+                                  address=address)
+    except SpaceError as e:
+        _fail(str(e))
+    except ValueError as e:  # pydantic: a bad --top/--seeds/--baseline
+        _fail(f"confirm: {e}")
+    typer.echo(f"verdict: {result['verdict']}", err=True)
+    if result["status"] != "finished":
+        _fail(f"confirmation incomplete ({result['missing_runs']} runs missing); continue "
+              f"with: {result['resume']}", code=1)
+    typer.echo(str(report))
 
 
 @app.command("report")

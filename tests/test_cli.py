@@ -29,7 +29,8 @@ def test_train_writes_a_one_trial_report_and_json(tmp_path):
         assert key in final, key
     trials = pd.read_parquet(tmp_path / "builtin_dpo" / "trials.parquet")
     assert len(trials) == 1 and trials.loc[0, "status"] == "ok"
-    assert trials.loc[0, "loss"] == "dpo" and trials.loc[0, "beta"] == 0.1
+    assert trials.loc[0, "loss"] == "dpo" and trials.loc[0, "dpo.beta"] == 0.1
+    assert trials.loc[0, "family"] == "baseline" and trials.loc[0, "seed"] == 0
     steps = pd.read_parquet(tmp_path / "builtin_dpo" / "steps.parquet")
     assert list(steps["step"]) == [2, 4]
 

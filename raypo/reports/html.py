@@ -29,14 +29,9 @@ import numpy as np
 import pandas as pd
 
 from raypo.files import atomic_write
+from raypo.reports.schema import NOT_PARAMETERS, is_parameter
 from raypo.reports.tables import Report
 
-# Columns of trials.parquet that are never hyperparameters.
-BOOKKEEPING = {"search", "trial_id", "number", "status", "error", "objective", "predicted_rank"}
-METRICS = {"pref_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "kl",
-           "true_reward", "ref_true_reward", "tokens_per_s", "wall_s", "peak_memory_mb",
-           "htsr_alpha_mean", "eval_loss"}
-METRIC_PREFIXES = ("final_", "htsr_", "eval_")
 # Shown beside the objective in the best-trials table, when present.
 TABLE_METRICS = ("true_reward", "kl", "pref_accuracy", "reward_margin", "tokens_per_s", "wall_s")
 TOP = 10
@@ -61,37 +56,16 @@ def objective_label(report: Report) -> str:
     return ", ".join(f"{o.get('metric', '?')} ({o.get('mode', 'max')})" for o in objectives)
 
 
-def _column_of(param: str, columns) -> str | None:
-    """The trials.parquet column of a searched parameter name from search.json:
-    `loss.name` -> loss, `loss.beta` -> beta, `beta_schedule.warmup` -> schedule_warmup."""
-    parts = param.split(".")
-    candidates = [param, param.replace(".", "_")]
-    if parts[-1] == "name" and len(parts) > 1:
-        candidates.append(parts[-2])
-    if parts[0] == "beta_schedule" and len(parts) > 1:
-        candidates.append("schedule_" + parts[-1])
-    candidates.append(parts[-1])
-    return next((c for c in candidates if c in columns), None)
-
-
 def hyperparameter_columns(report: Report) -> list[str]:
-    """The trials table's hyperparameter columns: the searched ones named in search.json when
-    they map to columns, else the columns before `status` that are not metrics."""
+    """The trials table's hyperparameter columns: the searched parameters named in search.json
+    (each is its own column, raypo.reports.schema), else every parameter column of the
+    schema; never the seed, which is noise to average over, not a parameter."""
     trials = report.trials
-    named = [_column_of(p, trials.columns) for p in report.meta.get("params") or []]
-    named = list(dict.fromkeys(c for c in named if c))
+    named = [p for p in report.meta.get("params") or [] if p in trials.columns
+             and p not in NOT_PARAMETERS]
     if named:
         return named
-    # A trial's row lists its hyperparameters before its status and metrics (train/run.py);
-    # whatever else a row carries (tokens, grad_norm, ...) comes after.
-    columns = list(trials.columns)
-    firsts = [columns.index(c) for c in ("status", "error", "objective") if c in columns]
-    if firsts:
-        columns = columns[:min(firsts)]
-    logged = set(report.steps.columns) - {"search", "trial_id", "loss", "beta", "lr"}
-    return [c for c in columns
-            if c not in BOOKKEEPING | METRICS | logged | {"step"}
-            and not c.startswith(METRIC_PREFIXES)]
+    return [c for c in trials.columns if is_parameter(c)]
 
 
 def varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
@@ -483,6 +457,8 @@ def summary_section(report: Report) -> str:
     counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
     by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
     items = [("search", report.meta.get("name") or _search_name(report)),
+             ("status", report.status if report.status == "finished" else
+              f"{report.status}: not every trial has run (raypo search --resume)"),
              ("report folder", str(report.path)),
              ("objective", objective_label(report)),
              ("trials", f"{len(trials)} ({by_status})")]
@@ -501,6 +477,48 @@ def summary_section(report: Report) -> str:
         items.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
     return f"<dl>{dl}</dl>{body}"
+
+
+def confirmation_section(report: Report) -> str:
+    """Each finalist's mean objective with its 95% interval beside its baseline's, and the
+    paired difference with its interval, from confirm_stats.parquet."""
+    stats = report.confirmation()
+    if stats.empty:
+        return note("No confirmation has run: the trials above ran once each, under one seed, "
+                    "so their order may be seed noise. `raypo confirm " + str(report.path)
+                    + "` trains the best configurations and their baseline under several seeds.")
+    metric = str(stats["metric"].iloc[0])
+    baseline = str(stats["baseline"].iloc[0])
+    fig = _figure(10.0, max(2.2, 0.7 * len(stats) + 1.2))
+    left, right = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(stats))[::-1].astype(float)
+    for offset, prefix, color, label in ((0.15, "", BEST, "finalist"),
+                                          (-0.15, "baseline_", "#7f7f7f", baseline)):
+        mean = stats[f"{prefix}mean"].to_numpy(float)
+        err = np.vstack([mean - stats[f"{prefix}ci_low"].to_numpy(float),
+                         stats[f"{prefix}ci_high"].to_numpy(float) - mean])
+        left.errorbar(mean, y + offset, xerr=np.nan_to_num(err), fmt="o", color=color,
+                      capsize=3, label=label)
+    left.set_yticks(y, [f"{r}. {lab}" for r, lab in zip(stats["rank"], stats["label"],
+                                                         strict=True)])
+    left.set_xlabel(f"{metric} (mean, 95% CI)")
+    left.legend(fontsize=8)
+    diff = stats["diff_mean"].to_numpy(float)
+    err = np.vstack([diff - stats["diff_ci_low"].to_numpy(float),
+                     stats["diff_ci_high"].to_numpy(float) - diff])
+    right.errorbar(diff, y, xerr=np.nan_to_num(err), fmt="s", color=ACCENT, capsize=3)
+    right.axvline(0.0, color="#999999", linewidth=1)
+    right.set_xlabel(f"finalist - {baseline}, paired by seed (95% CI)")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    shown = stats[["rank", "label", "n", "mean", "ci_low", "ci_high", "baseline_mean",
+                   "diff_mean", "diff_ci_low", "diff_ci_high", "p", "p_holm", "effect_size",
+                   "beats_baseline"]]
+    caption = (f"Each finalist against {baseline} (same settings but the loss), "
+               f"{int(stats['seeds'].iloc[0])} seeds each; the paired t-test by seed, Holm's "
+               "correction across finalists, d_z the paired effect size.")
+    return (f"<p><strong>{esc(report.verdict or '')}</strong></p><figure>{svg(fig)}"
+            f"<figcaption>{esc(caption)}</figcaption></figure>" + table(shown, "confirmation"))
 
 
 def _search_name(report: Report) -> str:
@@ -531,6 +549,7 @@ nav a { margin-right: 1em; }
 """
 
 SECTIONS = (("summary", "Summary", summary_section),
+            ("confirmation", "Confirmation over seeds", confirmation_section),
             ("heatmap", "Kernel x divergence", heatmap_section),
             ("progress", "Objective over trials", progress_section),
             ("frontier", "True reward vs KL", frontier_section),

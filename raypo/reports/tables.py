@@ -1,9 +1,11 @@
-"""Reading a report back: `load(path).trials`, `.steps`, `.selection` as DataFrames."""
+"""Reading a report back: `load(path).trials`, `.steps`, `.selection`, `.confirm` as
+DataFrames, and the queries a person asks of them (`best`, `pairs`, `pivot`, `pareto`,
+`confirmation`). Column meanings: raypo.reports.schema."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +18,25 @@ class Report:
     steps: pd.DataFrame
     selection: pd.DataFrame
     meta: dict
+    confirm: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per confirmation run
+    confirm_stats: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def status(self) -> str:
+        """finished, incomplete or running (search.json), or unknown."""
+        return str(self.meta.get("status", "unknown"))
+
+    def confirmation(self) -> pd.DataFrame:
+        """One row per finalist of the confirmation stage (empty without one): `rank`, `label`,
+        its objective's `n`, `mean`, `std`, `ci_low`, `ci_high`, the same with `baseline_`,
+        the paired difference `diff_mean`, `diff_ci_low`, `diff_ci_high`, `t`, `p`, `p_holm`,
+        `effect_size` (d_z) and `beats_baseline` (raypo.search.confirm)."""
+        return self.confirm_stats.copy()
+
+    @property
+    def verdict(self) -> str | None:
+        """The confirmation's verdict line, or None without a confirmation."""
+        return (self.meta.get("confirmation") or {}).get("verdict")
 
     @property
     def objective(self) -> dict:
@@ -108,4 +129,5 @@ def load(path: str | Path) -> Report:
     meta_path = path / "search.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return Report(path, read("trials.parquet"), read("steps.parquet"),
-                  read("selection.parquet"), meta)
+                  read("selection.parquet"), meta, confirm=read("confirm.parquet"),
+                  confirm_stats=read("confirm_stats.parquet"))

@@ -40,13 +40,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 class ReportWriter:
     """trials.parquet (one row per trial, replaced when the same trial_id is written again)
     and steps.parquet (one row per trial per evaluation) under `directory`. Rows already on
-    disk are kept: a resumed search appends to them."""
+    disk are kept: a resumed search appends to them. `table` names another pair of files
+    (`confirm` -> confirm.parquet and confirm_steps.parquet)."""
 
-    def __init__(self, directory: str | Path, search: str):
+    def __init__(self, directory: str | Path, search: str, table: str = "trials"):
         self.directory = Path(directory)
         self.search = search
-        self.trials = self._read("trials.parquet")
-        self.steps = self._read("steps.parquet")
+        self.trials_file = f"{table}.parquet"
+        self.steps_file = "steps.parquet" if table == "trials" else f"{table}_steps.parquet"
+        self.trials = self._read(self.trials_file)
+        self.steps = self._read(self.steps_file)
 
     def _read(self, name: str) -> pd.DataFrame:
         path = self.directory / name
@@ -57,13 +60,13 @@ class ReportWriter:
         trial_id = row["trial_id"]
         keep = self.trials[self.trials["trial_id"] != trial_id] if len(self.trials) else None
         self.trials = pd.concat([keep, pd.DataFrame([row])], ignore_index=True)
-        write_parquet_atomic(self.directory / "trials.parquet", self.trials)
+        write_parquet_atomic(self.directory / self.trials_file, self.trials)
         if steps:
             rows = pd.DataFrame([{"search": self.search, "trial_id": trial_id, **s}
                                  for s in steps])
             old = self.steps[self.steps["trial_id"] != trial_id] if len(self.steps) else None
             self.steps = pd.concat([old, rows], ignore_index=True)
-            write_parquet_atomic(self.directory / "steps.parquet", self.steps)
+            write_parquet_atomic(self.directory / self.steps_file, self.steps)
 
     def update_trial(self, trial_id: str, **values) -> None:
         """Set columns of a row already written (a kept model that a better trial replaced

@@ -39,8 +39,8 @@ WANT = {"token_logps": True, "ref_logits": True, "ref_hidden": False, "embedding
 # The config keys that decide the model, the data and the reference outputs: all the metrics
 # depend on. The rest of a config or search space (loss, schedule, search sections) is ignored.
 RELEVANT_KEYS = ("model", "data", "task", "max_length", "max_prompt_length",
-                 "truncate_responses", "topk", "seed", "batch_size", "eval_fraction", "dtype",
-                 "device", "lora")
+                 "truncate_responses", "topk", "seed", "data_seed", "batch_size", "eval_fraction",
+                 "dtype", "device", "lora")
 _RANGE_KEYS = {"low", "high", "choice", "value", "when"}
 
 
@@ -128,8 +128,8 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
                              "compute metrics for another model")
         tokenizer = load_tokenizer(None)
         spec = task_spec(cfg)
-        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps, seed=cfg.seed,
-                                   log=log)
+        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps,
+                                   seed=cfg.data_seed, log=log)
         policy, model_fp = base.to(device), f"tiny-base-{fit}"
         train = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
                           f"builtin-{spec.fingerprint()}-train", f"builtin:{spec.variant}")
@@ -142,9 +142,9 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
                              lora=cfg.lora, seed=cfg.seed)
         model_fp = model_fingerprint(cfg.model, policy)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
-        train, _ = pairs.split(cfg.eval_fraction, seed=cfg.seed)
+        train, _ = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
         model_name, data_name = cfg.model or "builtin:tiny", cfg.data
-    subset = _subset(train, max_pairs, cfg.seed)
+    subset = _subset(train, max_pairs, cfg.data_seed)
     ref = _reference(cfg, policy, subset, model_fp, WANT, device, tokenizer, log)
     vocab_size = int(policy.get_output_embeddings().weight.shape[0])
     return Evidence(ref=ref, vocab_size=vocab_size, model=model_name, data=data_name,

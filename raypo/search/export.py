@@ -4,14 +4,13 @@ The model of a trial the search kept (`models/<trial_id>/`, see raypo.search.kee
 DIR (default: the best trial's), written whole by a rename as every raypo save is. A trial
 whose model was not kept is rebuilt only when asked (`rebuild`): its training config is
 re-created exactly (a search trial's from the space in search.json and the trial's own
-parameters in Tune's `params.json`; a `raypo train` report's from its config) and trained again
+searched values in its row; a `raypo train` report's from its config) and trained again
 with the same seed, which on a CPU gives the same weights and on a GPU the same up to
 nondeterministic kernels.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -115,20 +114,21 @@ def _merge_adapter(source: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
-def trial_config(report: Path, rep, trial_id: str):
-    """The exact training config a trial of the report ran."""
+def trial_config(report: Path, rep, row):
+    """The exact training config a trial of the report ran: the space in search.json with the
+    trial's searched values (a `raypo train` report: its config)."""
+    from raypo.reports.schema import searched_values
     from raypo.search.space import parse_space
     from raypo.train.config import TrainConfig
 
     meta = rep.meta
     if meta.get("kind") == "train":
         return TrainConfig.model_validate(meta["config"])
-    found = [p for p in (report / "tune").glob(f"*{trial_id}*/params.json")]
-    if not found or "space" not in meta:
-        raise ExportError(f"{report}: the parameters of trial {trial_id} are not in the "
-                          "report (tune/<trial>/params.json and search.json's space)")
-    params = json.loads(found[0].read_text())
-    return parse_space(meta["space"], meta.get("source", "<space>")).config(params)
+    if "space" not in meta or not isinstance(row.get("searched"), str):
+        raise ExportError(f"{report}: the settings of trial {row['trial_id']} are not in the "
+                          "report (search.json's space and the row's `searched` values)")
+    return parse_space(meta["space"], meta.get("source", "<space>")).config(
+        searched_values(row))
 
 
 def _rebuild(report: Path, rep, row, target: Path, merge: bool, log) -> Path:
@@ -137,7 +137,7 @@ def _rebuild(report: Path, rep, row, target: Path, merge: bool, log) -> Path:
     trial_id = str(row["trial_id"])
     if row.get("status") == "failed":
         raise ExportError(_not_kept(report, rep, row))
-    cfg = trial_config(report, rep, trial_id)
+    cfg = trial_config(report, rep, row)
     log(f"{report}: rebuilding trial {trial_id} ({cfg.loss.name}, seed {cfg.seed}, "
         f"{cfg.steps} steps)")
     save = ModelSave(target, merge=merge, meta={"report": str(report.resolve()),

@@ -22,10 +22,10 @@ from ray import tune
 
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
+from raypo.reports.schema import describe, trial_row
 from raypo.search.keep import ModelKeeper, remove_empty_staging
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
-from raypo.train.run import hyperparameters
 
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s",
              "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
@@ -103,12 +103,11 @@ class ReportRecorder(tune.Callback):
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
         else:
-            row = {"trial_id": trial_id, **hyperparameters(self.space.config(config))}
-            # a metric named like a hyperparameter (the last `loss`) becomes final_loss
-            row.update({f"final_{k}" if k in row else k: v for k, v in last.items()
-                        if k not in TUNE_KEYS})
-            row["status"] = "failed" if error else "pruned"
-            row["error"] = error
+            metrics = {k: v for k, v in last.items() if k not in TUNE_KEYS}
+            row = trial_row(self.space.config(config),
+                            {"trial_id": trial_id, **metrics,
+                             "status": "failed" if error else "pruned", "error": error},
+                            searched=config)
             # a retried trial reports its steps since the checkpoint again: the last of each
             steps = list({s.get("step"): s for s in self._steps.get(trial_id, [])}.values())
         row = self._complete(row, config, number)
@@ -130,10 +129,6 @@ class ReportRecorder(tune.Callback):
         row["number"] = number
         row["predicted_rank"] = self.predicted_rank(row)
         row.setdefault("error", None)
-        for name in config:  # every searched value has its own column (`loss.sigma`: sigma)
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf != "name" and leaf not in row:
-                row[leaf] = config[name]
         return row
 
     def _keep_model(self, row: dict) -> list[str]:
@@ -161,22 +156,13 @@ class ReportRecorder(tune.Callback):
         if len(ok):
             i = ok["objective"].idxmax() if objective.mode == "max" else ok["objective"].idxmin()
             best = (f" | best {objective.metric} {ok.loc[i, 'objective']:.4f} "
-                    f"({ok.loc[i, 'trial_id']}: {_describe(ok.loc[i])})")
+                    f"({ok.loc[i, 'trial_id']}: {describe(ok.loc[i])})")
         value = "" if row["objective"] is None else f" {objective.metric} {row['objective']:.4f}"
         error = f" ({row['error'].splitlines()[0][:80]})" if row.get("error") else ""
         kept = f" [model kept: {row['model_path']}]" if row.get("model_path") else ""
         print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{kept}"
               f"{best}",
               file=sys.stderr, flush=True)
-
-
-def _describe(row) -> str:
-    parts = [str(row.get("loss"))]
-    for key in ("kernel", "divergence", "prior", "beta_schedule"):
-        value = row.get(key)
-        if isinstance(value, str) and value not in ("constant",):
-            parts.append(value)
-    return " ".join(parts)
 
 
 def remove_checkpoints(trial) -> None:
@@ -213,3 +199,58 @@ def _error_text(trial) -> str:
         text = ""
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "the trial's process failed"
+
+
+class ConfirmRecorder(tune.Callback):
+    """Writes confirm.parquet, one row per confirmation run, as runs end (the driver is the
+    one writer). A run that dies is recorded failed with its config's columns; a run written
+    again replaces its own row."""
+
+    def __init__(self, directory: str, search: str, metric: str, total: int, echo=True):
+        self.directory = directory
+        self.search = search
+        self.metric = metric
+        self.total = total
+        self.echo = echo
+        self._writer = None
+
+    @property
+    def writer(self) -> ReportWriter:
+        if self._writer is None:
+            self._writer = ReportWriter(Path(self.directory), search=self.search,
+                                        table="confirm")
+        return self._writer
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.record(trial.config["run"], trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.record(trial.config["run"], trial.last_result or {}, error=_error_text(trial))
+
+    def record(self, spec: dict, last: dict, error: str | None = None) -> dict:
+        from raypo.train.config import TrainConfig
+
+        if FINAL in last and error is None:
+            payload = json.loads(last[FINAL])
+            row, steps = payload["row"], payload["steps"]
+        else:
+            row = trial_row(TrainConfig.model_validate(spec["config"]),
+                            {"trial_id": spec["run_id"], "status": "failed",
+                             "error": error or "the run ended without its result",
+                             "objective": None}, searched=spec["searched"])
+            row.update({k: spec[k] for k in ("config_id", "role")})
+            steps = []
+        value = row.get(self.metric)
+        row["objective"] = (float(value) if row.get("status") == "ok"
+                            and isinstance(value, int | float) and math.isfinite(value)
+                            else None)
+        self.writer.write_trial(row, steps)
+        if self.echo:
+            shown = "" if row["objective"] is None else f" {self.metric} {row['objective']:.4f}"
+            print(f"[confirm {len(self.writer.trials)}/{self.total}] {row['trial_id']} "
+                  f"({row['role']}, seed {row['seed']}) {row['status']}{shown}",
+                  file=sys.stderr, flush=True)
+        return row

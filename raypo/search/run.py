@@ -49,7 +49,7 @@ def cache_key(cfg: TrainConfig) -> str:
     declared = loss_needs(cfg)  # what the loss reads decides which reference outputs are cached
     return json.dumps({
         "model": cfg.model, "data": cfg.data, "task": cfg.task.model_dump() if cfg.builtin
-        else None, "seed": cfg.seed, "max_length": cfg.max_length,
+        else None, "data_seed": cfg.data_seed, "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "truncate": cfg.truncate_responses,
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
         "reads": sorted(declared.fields), "live": declared.full_reference_logits,
@@ -105,23 +105,21 @@ def warm_start_points(space: SearchSpace, ranks: dict) -> list[dict]:
     from raypo.losses import LOSSES
 
     n = space.settings.selection.warm_start
-    name = space.param("loss.name")
-    names = (name.choices if name is not None
-             else [space.config(space.representative_values()[0]).loss.name])
-    ranked = [x for x in names if x in LOSSES and LOSSES.get_class(x).selection_params]
+    ranked = [x for x in space.loss_names if x in LOSSES and LOSSES.get_class(x).selection_params]
     if not n or not ranked:
         return []
-    kernel_key, divergence_key = (f"loss.{p}" for p in LOSSES.get_class(ranked[0])
-                                  .selection_params)
-    kernel, divergence = space.param(kernel_key), space.param(divergence_key)
+    loss = ranked[0]
+    kernel, divergence = (space.param_at(("loss", p), loss)
+                          for p in LOSSES.get_class(loss).selection_params)
     if kernel is None or divergence is None:
         return []
+    name = space.param_at(("loss", "name"))
     points = []
     for (k, d), _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         if k in kernel.choices and d in divergence.choices:
-            point = {kernel_key: k, divergence_key: d}
+            point = {kernel.name: k, divergence.name: d}
             if name is not None:
-                point["loss.name"] = ranked[0]
+                point[name.name] = loss
             points.append(point)
         if len(points) == n:
             break
@@ -238,8 +236,9 @@ def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
 
 
 def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: str | None
-               = None, resume: bool = False, log=_log) -> Path:
-    """Run (or resume) the search; returns the report folder."""
+               = None, resume: bool = False, confirm: bool | None = None, log=_log) -> Path:
+    """Run (or resume) the search, then its confirmation stage when the space has one (or
+    `confirm` is True; False skips it); returns the report folder."""
     from ray import tune
 
     directory = (Path(reports) / space.name).resolve()
@@ -286,6 +285,17 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     if status == "incomplete":
         log(f"{done} of {planned_trials(space)} trials ended; continue with --resume")
     write_json_atomic(directory / "search.json", _meta(space, status, started, extra))
+    settings = space.settings.confirm
+    if confirm is None:
+        confirm = settings is not None
+    if confirm and status == "finished":
+        from raypo.search.confirm import run_confirmation
+        from raypo.search.space import Confirm
+
+        run_confirmation(space, directory, settings or Confirm(), address=address, log=log)
+    elif confirm:
+        log(f"confirmation not started: the search is incomplete; after --resume, or on what "
+            f"finished: raypo confirm {directory}")
     return directory
 
 

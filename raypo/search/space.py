@@ -13,8 +13,18 @@ search's own sections. A value is
   it may take (one or a list); the parameter exists only in trials where every condition
   holds (and the parameters it names exist).
 
+Each searched value becomes one Optuna parameter whose name is its report column
+(raypo.reports.schema): `lr`, `loss` (the loss name), `kernel_dpo.gamma`, `beta_schedule.end_beta`.
+A loss parameter means something different for each loss (fdpo's `alpha` is an order, tdpo's a
+weight), so a loss parameter searched while the loss itself is searched becomes one Optuna
+parameter per loss it applies to (`fdpo.alpha`, `tdpo.alpha`), each active only in that loss's
+trials; parameters a loss declares in its report identity (`kernel`, `divergence`, `prior`) mean
+one thing wherever they appear and stay one parameter. Inside a list of loss terms (a
+mixture's `terms`), each term's values are searched like any other
+(`terms: [{name: dpo, weight: {low: 0, high: 1}}]` -> `mixture.dpo.weight`).
+
 Search sections: `objective` (or `objectives`, two for a Pareto search), `budget`,
-`scheduler`, `resources`, `sampler`, `selection`, `keep`; see the models below.
+`scheduler`, `resources`, `sampler`, `selection`, `confirm`, `keep`; see the models below.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raypo.losses import DEFAULT_LOSS
+from raypo.reports.schema import parameter_column
 from raypo.train.config import (
     SEARCH_SECTIONS,
     ConfigError,
@@ -34,6 +46,7 @@ from raypo.train.config import (
     format_validation_error,
     read_yaml_mapping,
     set_dotted,
+    set_path,
 )
 
 RANGE_KEYS = {"low", "high", "log", "step", "type", "when"}
@@ -108,6 +121,40 @@ class Keep(_Strict):
     def count(self) -> int | None:
         """How many to keep; None for all."""
         return None if self.best == "all" else self.best
+class Confirm(_Strict):
+    """The confirmation stage (raypo.search.confirm): the best `top` configurations of the
+    search and, for each, a `baseline` that differs only in the loss, trained under the same
+    `seeds` (a count, or the list of seeds), paired by seed. The baseline keeps the finalist's
+    beta unless it gives its own. Seeds default to fresh ones (the search's seed + 1, + 2, ...):
+    the search's own seed is the one its best trials won with."""
+
+    top: int = Field(3, ge=1)
+    seeds: int | list[int] = 5
+    baseline: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_LOSS})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baseline_shorthand(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("baseline"), str):
+            data = {**data, "baseline": {"name": data["baseline"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _valid(self) -> Confirm:
+        seeds = self.seed_list(0)
+        if len(seeds) < 2:
+            raise ValueError("seeds: a confirmation needs at least 2 seeds (an interval needs "
+                             "two values)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds: repeated seeds")
+        if "name" not in self.baseline:
+            raise ValueError("baseline: needs a loss `name`")
+        return self
+
+    def seed_list(self, search_seed: int) -> list[int]:
+        if isinstance(self.seeds, list):
+            return list(self.seeds)
+        return [search_seed + 1 + i for i in range(self.seeds)]
 
 
 class SearchSettings(_Strict):
@@ -119,6 +166,7 @@ class SearchSettings(_Strict):
     sampler: Sampler = Sampler()
     selection: Selection = Selection()
     keep: Keep = Keep()
+    confirm: Confirm | None = None  # run the confirmation stage after the search
 
     @model_validator(mode="before")
     @classmethod
@@ -142,21 +190,42 @@ SEARCH_KEYS = set(SEARCH_SECTIONS)  # what `raypo train` reads past
 
 
 @dataclass
-class Param:
-    """One searched parameter: `path` in the config tree, its distribution and conditions."""
+class Condition:
+    """A parameter exists in a trial only where `target` takes one of `allowed`: a searched
+    parameter (by name) or a fixed value of the config (by path)."""
 
-    path: tuple[str, ...]
+    target: str  # the searched parameter's name, or the fixed value's dotted path
+    allowed: list
+    path: tuple  # the target's path in the config tree
+    searched: bool
+
+
+@dataclass
+class Param:
+    """One searched parameter: `path` in the config tree, `name` (the Optuna parameter and the
+    report column), its distribution and the conditions under which it exists."""
+
+    path: tuple
     kind: Literal["float", "int", "choice", "value"]
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: float | None = None
     choices: list = field(default_factory=list)
-    when: list[tuple[str, list]] = field(default_factory=list)  # (parameter name, allowed)
+    when: list[Condition] = field(default_factory=list)
+    name: str = ""
+    losses: tuple[str, ...] = ()  # for a loss parameter: the losses it applies to
+
+    def __post_init__(self):
+        # a loss parameter is named once the losses it applies to are known (_split_by_loss)
+        if not self.name:
+            is_loss = self.path[0] == "loss" and tuple(self.path) != ("loss", "name")
+            self.name = self.dotted if is_loss else parameter_column(self.path)
 
     @property
-    def name(self) -> str:
-        return ".".join(self.path)
+    def dotted(self) -> str:
+        """Where it sits in the space file (`loss.gamma`), for messages."""
+        return ".".join(map(str, self.path))
 
     @property
     def values(self) -> list:
@@ -186,10 +255,10 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _parse_param(path: tuple[str, ...], node: dict, where: str) -> Param | None:
+def _parse_param(path: tuple, node: dict, where: str) -> Param | None:
     """A Param if `node` is a range, a choice or a conditional value; None if a plain mapping."""
     keys = set(node)
-    name = ".".join(path)
+    name = ".".join(map(str, path))
     if "choice" in keys:
         if not keys <= CHOICE_KEYS:
             raise SpaceError(f"{where}: {name}: a choice takes only `choice` and `when`, "
@@ -241,14 +310,16 @@ def _parse_param(path: tuple[str, ...], node: dict, where: str) -> Param | None:
     return None
 
 
-def _walk(tree: dict, path: tuple[str, ...], where: str, params: list[Param],
-          conditions: dict[str, Any]) -> dict:
-    """The tree with every searched value removed (the fixed part); Params appended."""
+def _walk(tree: dict, path: tuple, where: str, params: list[Param],
+          conditions: dict[tuple, Any]) -> dict:
+    """The tree with every searched value removed (the fixed part); Params appended, their
+    raw `when:` in `conditions` by path. Lists of mappings (a mixture's terms) are walked
+    element by element."""
     fixed: dict = {}
     for key, node in tree.items():
         if not isinstance(key, str):
-            raise SpaceError(f"{where}: key {key!r} under {'.'.join(path) or 'the top'}: "
-                             "keys must be strings")
+            raise SpaceError(f"{where}: key {key!r} under {'.'.join(map(str, path)) or 'the top'}"
+                             ": keys must be strings")
         sub = (*path, key)
         if isinstance(node, dict):
             param = _parse_param(sub, node, where)
@@ -257,16 +328,22 @@ def _walk(tree: dict, path: tuple[str, ...], where: str, params: list[Param],
             else:
                 params.append(param)
                 if "when" in node:
-                    conditions[param.name] = node["when"]
+                    conditions[param.path] = node["when"]
+        elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+            fixed[key] = [_walk(x, (*sub, i), where, params, conditions)
+                          for i, x in enumerate(node)]
         else:
             fixed[key] = node
     return fixed
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def _get(tree: dict, path: tuple):
     for key in path:
         if isinstance(tree, str) and key == "name":
             return tree  # the `loss: <name>` shorthand
+        if isinstance(tree, list) and isinstance(key, int) and key < len(tree):
+            tree = tree[key]
+            continue
         if not isinstance(tree, dict) or key not in tree:
             raise KeyError(path)
         tree = tree[key]
@@ -302,16 +379,26 @@ class SearchSpace:
         return [Objective(metric="true_reward" if self.builtin else "pref_accuracy")]
 
     def param(self, name: str) -> Param | None:
+        """The searched parameter called `name` (its Optuna name and report column)."""
         return next((p for p in self.params if p.name == name), None)
 
+    def param_at(self, path: tuple, loss: str | None = None) -> Param | None:
+        """The searched parameter at config `path` that applies to loss `loss`."""
+        return next((p for p in self.params if p.path == tuple(path)
+                     and (loss is None or not p.losses or loss in p.losses)), None)
+
+    @property
+    def loss_names(self) -> list[str]:
+        """The losses the space's trials can use."""
+        searched = self.param_at(("loss", "name"))
+        return list(searched.choices) if searched else [_fixed_loss(self.fixed)]
+
     def _active(self, p: Param, values: dict) -> bool:
-        for other, allowed in p.when:
-            if other in values:
-                if values[other] not in allowed:
-                    return False
-            elif self.param(other) is not None:
-                return False  # the parameter it depends on does not exist in this trial
-            elif _get(self.fixed, tuple(other.split("."))) not in allowed:
+        for c in p.when:
+            if c.searched:
+                if c.target not in values or values[c.target] not in c.allowed:
+                    return False  # absent: the parameter it depends on is not in this trial
+            elif _get(self.fixed, c.path) not in c.allowed:
                 return False
         return True
 
@@ -328,7 +415,12 @@ class SearchSpace:
         """The training config of one trial from its {dotted name: value}."""
         tree = copy.deepcopy(self.fixed)
         for name, value in values.items():
-            set_dotted(tree, name, value)
+            param = self.param(name)
+            if param is None:
+                known = ", ".join(p.name for p in self.params) or "(none)"
+                raise SpaceError(f"{self.source}: no searched parameter {name!r}; the space "
+                                 f"searches: {known}")
+            set_path(tree, param.path, value)
         for key, value in overrides.items():
             if value is not None:
                 set_dotted(tree, key, value)
@@ -363,9 +455,9 @@ class SearchSpace:
             changed = False
             for name in list(forced):
                 p = self.param(name)
-                for other, allowed in p.when:
-                    if self.param(other) is not None and other not in forced:
-                        forced[other] = allowed[0]
+                for c in p.when:
+                    if c.searched and c.target not in forced:
+                        forced[c.target] = c.allowed[0]
                         changed = True
         values = {}
         for p in self.params:
@@ -398,8 +490,10 @@ class SearchSpace:
         out = {}
         for p in self.params:
             if p.when:
-                raise SpaceError(f"{self.source}: {p.name}: the grid sampler takes no "
-                                 "conditional parameters")
+                why = (" (a loss parameter while the loss is searched exists only in its "
+                       "loss's trials)" if p.losses else "")
+                raise SpaceError(f"{self.source}: {p.dotted}: the grid sampler takes no "
+                                 f"conditional parameters{why}")
             if p.kind == "float":
                 raise SpaceError(f"{self.source}: {p.name}: the grid sampler needs a choice "
                                  "list here, not a float range")
@@ -430,40 +524,127 @@ class SearchSpace:
             yield sorted(values.items())
 
 
-def _exists(tree: dict, dotted: str) -> bool:
+def _exists(tree: dict, path: tuple) -> bool:
     try:
-        _get(tree, tuple(dotted.split(".")))
+        _get(tree, path)
     except KeyError:
         return False
     return True
 
 
+def _fixed_loss(fixed: dict) -> str:
+    loss = fixed.get("loss", DEFAULT_LOSS)
+    return loss if isinstance(loss, str) else loss.get("name", DEFAULT_LOSS)
+
+
 def _resolve_conditions(params: list[Param], conditions: dict, fixed: dict, where: str
                         ) -> None:
-    names = {p.name for p in params}
+    """Each raw `when:` into Conditions on the paths it names (a sibling first, then a dotted
+    path from the top)."""
+    by_path = {p.path: p for p in params}
     for p in params:
-        when = conditions.get(p.name)
+        when = conditions.get(p.path)
         if when is None:
             continue
         if not isinstance(when, dict) or not when:
-            raise SpaceError(f"{where}: {p.name}.when: expected a mapping of parameter -> "
+            raise SpaceError(f"{where}: {p.dotted}.when: expected a mapping of parameter -> "
                              "value(s), e.g. {name: [a, b]}")
         for ref, allowed in when.items():
-            # a sibling first (`kernel` beside `sigma`), then a dotted path from the top
-            candidates = [".".join((*p.path[:-1], str(ref))), str(ref)]
-            target = next((c for c in candidates if c in names or _exists(fixed, c)), None)
+            candidates = [(*p.path[:-1], str(ref)), tuple(str(ref).split("."))]
+            target = next((c for c in candidates if c in by_path or _exists(fixed, c)), None)
             if target is None:
-                known = ", ".join(sorted(names)) or "(none)"
-                raise SpaceError(f"{where}: {p.name}.when: condition on unknown parameter "
+                known = ", ".join(q.dotted for q in params) or "(none)"
+                raise SpaceError(f"{where}: {p.dotted}.when: condition on unknown parameter "
                                  f"{ref!r}; searched parameters are: {known}")
             allowed = allowed if isinstance(allowed, list) else [allowed]
-            other = next((q for q in params if q.name == target), None)
+            other = by_path.get(target)
+            dotted = ".".join(map(str, target))
             if other is not None and other.kind in ("choice", "value"):
                 bad = [a for a in allowed if a not in other.choices]
                 if bad:
-                    raise SpaceError(f"{where}: {p.name}.when: {target} never takes "
+                    raise SpaceError(f"{where}: {p.dotted}.when: {dotted} never takes "
                                      f"{bad!r}; its values are {other.choices!r}")
-            p.when.append((target, allowed))
+            p.when.append(Condition(dotted, allowed, target, searched=other is not None))
+
+
+LOSS_NAME = ("loss", "name")
+
+
+def _term_name(fixed: dict, path: tuple, where: str) -> str | None:
+    """For a value inside a list of loss terms (loss.terms.<i>.<key>), the term's loss name."""
+    if len(path) == 4 and path[0] == "loss" and isinstance(path[2], int):
+        try:
+            name = _get(fixed, (*path[:3], "name"))
+        except KeyError:
+            name = None
+        if not isinstance(name, str):
+            raise SpaceError(f"{where}: {'.'.join(map(str, path[:3]))}.name: a term's loss "
+                             "must be fixed (list each candidate term, with weight 0 to "
+                             "switch one off)")
+        return name
+    return None
+
+
+def _split_by_loss(params: list[Param], fixed: dict, where: str) -> list[Param]:
+    """Name every parameter by its report column; a loss parameter becomes one Param per
+    column it takes across the losses it applies to (module docstring)."""
+    loss_param = next((p for p in params if p.path == LOSS_NAME), None)
+    if loss_param is not None and loss_param.kind != "choice":
+        loss_param = None
+    fixed_loss = _fixed_loss(fixed)
+    split: dict[tuple, list[Param]] = {}  # raw path -> its Params
+    out = []
+    for p in params:
+        if p.path[0] != "loss" or p.path == LOSS_NAME:
+            out.append(p)
+            split[p.path] = [p]
+            continue
+        term = _term_name(fixed, p.path, where)
+        on_loss = [c for c in p.when if c.path == LOSS_NAME]
+        others = [c for c in p.when if c.path != LOSS_NAME]
+        if loss_param is None:  # a fixed loss: its conditions stay as they are
+            losses, others = [fixed_loss], list(p.when)
+        else:
+            losses = [n for n in loss_param.choices
+                      if all(n in c.allowed for c in on_loss)]
+        groups: dict[str, list[str]] = {}
+        for loss in losses:
+            try:
+                column = parameter_column(p.path, loss, term=term)
+            except ValueError as e:  # an unknown loss name
+                raise SpaceError(f"{where}: loss.name: {e}") from None
+            groups.setdefault(column, []).append(loss)
+        split[p.path] = []
+        for column, group in groups.items():
+            q = copy.copy(p)
+            q.name, q.losses, q.when = column, tuple(group), list(others)
+            if loss_param is not None:
+                q.when.append(Condition(loss_param.name, group, LOSS_NAME, searched=True))
+            split[p.path].append(q)
+            out.append(q)
+    # conditions on a searched parameter point to its Param for the same losses; a Param
+    # whose condition names a parameter none of its losses has can never exist: dropped
+    kept = []
+    for q in out:
+        reachable = True
+        for i, c in enumerate(q.when):
+            if not c.searched:
+                continue
+            targets = split[c.path]
+            match = [t for t in targets if not t.losses or set(q.losses or t.losses)
+                     <= set(t.losses)]
+            if not match and q.losses and not any(set(q.losses) & set(t.losses)
+                                                  for t in targets):
+                reachable = False
+                break
+            if len(match) != 1:
+                raise SpaceError(f"{where}: {q.dotted}.when: {c.target} is searched "
+                                 f"separately for each loss; give {q.dotted} a "
+                                 "`when: {name: ...}` with one loss")
+            q.when[i] = Condition(match[0].name, c.allowed, c.path, searched=True)
+        if reachable:
+            kept.append(q)
+    return kept
 
 
 def _order(params: list[Param], where: str) -> list[Param]:
@@ -477,9 +658,9 @@ def _order(params: list[Param], where: str) -> list[Param]:
         if state.get(p.name) == "visiting":
             raise SpaceError(f"{where}: conditions form a cycle: {' -> '.join(trail)}")
         state[p.name] = "visiting"
-        for other, _ in p.when:
-            if other in by_name:
-                visit(by_name[other], (*trail, other))
+        for c in p.when:
+            if c.searched and c.target in by_name:
+                visit(by_name[c.target], (*trail, c.target))
         state[p.name] = "done"
         ordered.append(p)
 
@@ -516,6 +697,12 @@ def parse_space(tree: dict, source: str = "<space>") -> SearchSpace:
     fixed = _walk(config_tree, (), source, params, conditions)
     _apply_resources(fixed, settings.resources, source)
     _resolve_conditions(params, conditions, fixed, source)
+    params = _split_by_loss(params, fixed, source)
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise SpaceError(f"{source}: {', '.join(twice)}: searched twice (two values of the "
+                         "space set the same report column)")
     space = SearchSpace(source=source, raw=tree, fixed=fixed, params=_order(params, source),
                         settings=settings)
     space.check()

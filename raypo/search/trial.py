@@ -31,9 +31,11 @@ import torch
 from ray import tune
 
 from raypo.models.save import ModelSave
+from raypo.reports.schema import trial_row
 from raypo.search.keep import staging_path
 from raypo.search.space import SearchSpace
 from raypo.train import checkpoint
+from raypo.train.config import TrainConfig
 from raypo.train.run import run_trial
 
 FINAL = "raypo_final"  # marks the last report of a trial: it holds the row and the history
@@ -80,14 +82,15 @@ def search_trial(config: dict, space: SearchSpace, report_dir: str | None = None
         if resumed is not None:
             log(f"{trial_id}: resumed from step {resumed} (its last checkpoint)")
         reports = _Reports(space, local if cfg.num_workers == 1 else None, cfg.steps)
-        row, history = run_trial(cfg, trial_id, log=log, on_eval=reports.on_eval,
-                                 progress=reports.flush, save=_model_save(space, report_dir,
-                                                                          trial_id),
-                                 checkpoint_dir=local if cfg.num_workers == 1 else None)
+        result, history = run_trial(cfg, trial_id, log=log, on_eval=reports.on_eval,
+                                    progress=reports.flush,
+                                    save=_model_save(space, report_dir, trial_id),
+                                    checkpoint_dir=local if cfg.num_workers == 1 else None)
     finally:
         shutil.rmtree(local, ignore_errors=True)
     history = [*(h for h in before if h["step"] <= resumed), *history] if before else history
-    row["resumed_from_step"] = resumed
+    result["resumed_from_step"] = resumed
+    row = trial_row(cfg, result, searched=config)
     final = history[-1] if history else {}
     payload = json.dumps({"row": row, "steps": history}, default=str)
     tune.report({**scalar_metrics(final), **scalar_metrics(row), "step": cfg.steps,
@@ -161,3 +164,17 @@ class _Reports:
             return None
         self.sent = path.stat().st_mtime_ns
         return tune.Checkpoint.from_directory(str(self.local))
+def confirm_trial(config: dict) -> None:
+    """The Tune function trainable of one confirmation run: `config["run"]` is a run of the
+    plan (raypo.search.confirm), with its whole training config; one final report."""
+    spec = config["run"]
+    cfg = TrainConfig.model_validate(spec["config"])
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    result, history = run_trial(cfg, spec["run_id"], log=log)
+    row = trial_row(cfg, result, searched=spec["searched"])
+    row.update({k: spec[k] for k in ("config_id", "role")})
+    payload = json.dumps({"row": row, "steps": history}, default=str)
+    tune.report({**scalar_metrics(row), "step": cfg.steps, FINAL: payload})

@@ -19,7 +19,7 @@ from raypo.models.encoder import check_available, encoder_name
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
 # search space with every value fixed is a training config.
 SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
-                   "selection", "keep")
+                   "selection", "confirm", "keep")
 
 
 class ConfigError(ValueError):
@@ -103,7 +103,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = 0  # training: batch order, initial values of learned loss parts, LoRA, sampling
+    # what stays fixed across a confirmation's seeds: the built-in base model's fit, the
+    # held-out split of a dataset and the selection metrics' subset
+    data_seed: int = 0
     eval_every: int = Field(50, ge=1)
     eval_samples: int = Field(128, ge=1)  # built-in task: policy samples scored per evaluation
     eval_fraction: float = Field(0.05, gt=0, lt=1)  # own data: held-out share of the pairs
@@ -178,17 +181,32 @@ class TrainConfig(_Strict):
         return self.data is None
 
 
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """`tree[a][b] = value` for `a.b` (a `loss: dpo` shorthand becomes a mapping)."""
-    keys = dotted.split(".")
+def set_path(tree: dict, path: tuple, value: Any) -> None:
+    """`tree[a][b][i] = value` for the path (a, b, i): keys of mappings and indices of lists
+    (ints or digit strings); a `loss: <name>` shorthand becomes a mapping on the way."""
     node = tree
-    for key in keys[:-1]:
+    for depth, key in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
         child = node.get(key)
         if isinstance(child, str):  # the `loss: <name>` shorthand gains parameters
             child = {"name": child} if key != "task" else {"variant": child}
-        node[key] = child = dict(child or {})
+        if isinstance(child, list) and str(path[depth + 1]).isdigit():
+            node[key] = child = list(child)
+        else:
+            node[key] = child = dict(child or {})
         node = child
-    node[keys[-1]] = value
+    last = path[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """`tree[a][b] = value` for `a.b` (see `set_path`; `loss.terms.0.weight` reaches a list)."""
+    set_path(tree, tuple(dotted.split(".")), value)
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:

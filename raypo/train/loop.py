@@ -130,9 +130,12 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
         if progress:
             progress(step + 1, out.loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, "loss": out.loss.item(), "beta": float(loss_fn.beta),
-                   "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
-                   **{k: float(v) for k, v in out.metrics.items() if v.numel() == 1},
+            # current_*: the values at this step, beside the configured ones in a row
+            row = {"step": step + 1, "train_loss": out.loss.item(),
+                   "current_beta": float(loss_fn.beta), "grad_norm": float(grad_norm),
+                   "current_lr": lr_sched.get_last_lr()[0],
+                   **{k: float(v) for k, v in out.metrics.items()
+                      if v.numel() == 1 and k != "beta"},  # beta: current_beta
                    **evaluate(setup, step + 1, forward_model)}
             state["history"].append(row)
             if on_eval:

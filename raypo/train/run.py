@@ -1,4 +1,5 @@
-"""A training run as one trial: prepare, train, and the trial's row for trials.parquet."""
+"""A training run as one trial: prepare, train, and the trial's result (status, objective,
+metrics) that raypo.reports.schema turns into a row of trials.parquet."""
 
 from __future__ import annotations
 
@@ -9,27 +10,9 @@ import traceback
 import torch
 
 from raypo.data.errors import DataError
-from raypo.losses import LOSSES, identity
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
 from raypo.train.setup import prepare
-
-
-def hyperparameters(cfg: TrainConfig) -> dict:
-    """Every hyperparameter as its own column (flat, typed)."""
-    row = {"loss": cfg.loss.name, "beta_schedule": cfg.beta_schedule.name, "lr": cfg.lr,
-           "batch_size": cfg.batch_size, "steps": cfg.steps, "seed": cfg.seed,
-           "model": cfg.model or "tiny", "data": cfg.data or f"builtin:{cfg.task.variant}"}
-    # the loss's defaults too, so that every trial of a search has the same columns; a None
-    # set on purpose (divergence: null, no penalty) is kept, a None default is not
-    defaults = {k: v for k, v in LOSSES.parameters(cfg.loss.name).items()
-                if isinstance(v, int | float | str)}
-    row.update(defaults)
-    row.update({k: v for k, v in cfg.loss.params.items()
-                if v is None or isinstance(v, int | float | str)})
-    row.update(identity(cfg.loss.name, **cfg.loss.params))  # loss, family, kernel, ...
-    row.update({f"schedule_{k}": v for k, v in cfg.beta_schedule.params.items()})
-    return row
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -46,11 +29,12 @@ def objective_of(metrics: dict, builtin: bool) -> float | None:
 
 def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print,
               on_eval=None, progress=None, save=None) -> tuple[dict, list[dict]]:
-    """(trial row, step rows). A failing run is recorded (status failed, the error) rather
-    than raised, so a search goes on. `save` (a raypo.models.save.ModelSave): where the
-    trained policy is written, with the row in its raypo.json, if the run finishes."""
+    """(result, step rows): the result holds trial_id, status, error, objective and the final
+    metrics. A failing run is recorded (status failed, the error) rather than raised, so a
+    search goes on. `save` (a raypo.models.save.ModelSave): where the trained policy is
+    written, with the result in its raypo.json, if the run finishes."""
     start = time.perf_counter()
-    row = {"trial_id": trial_id, **hyperparameters(cfg)}
+    row = {"trial_id": trial_id}
     history: list[dict] = []
 
     def keep(step, metrics):
@@ -73,8 +57,7 @@ def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print
             if save is not None:
                 save.write_weights(setup.policy, setup.tokenizer, cfg)
         row.update(status="ok", error=None, objective=objective_of(metrics, cfg.builtin))
-        # a metric named like a hyperparameter (the last `loss` value, the adapted `beta`)
-        # must not overwrite it: it becomes final_loss, final_beta
+        # a metric named like a bookkeeping column must not overwrite it
         row.update({f"final_{k}" if k in row else k: v for k, v in metrics.items()})
     except (KeyboardInterrupt, SystemExit, DataError, ConfigError):
         raise  # bad input is the user's to fix, not a failed trial

@@ -115,8 +115,8 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
             raise ValueError("the built-in task trains the tiny built-in model; "
                              "give `data` to train another model")
         spec = task_spec(cfg)
-        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps, seed=cfg.seed,
-                                   log=log)
+        base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps,
+                                   seed=cfg.data_seed, log=log)
         policy = base.to(device)
         model_fp = f"tiny-base-{fit}"
         train_pairs = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
@@ -126,7 +126,7 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     else:
         ds = load_preferences(cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
-        train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.seed)
+        train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
         policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
                              lora=cfg.lora, seed=cfg.seed,
                              init_state=_fitted_tiny(cfg, tokenizer, train_pairs, log))
@@ -174,7 +174,9 @@ def _fitted_tiny(cfg: TrainConfig, tokenizer, train_pairs: TokenizedPairs, log):
             "reference, so KL, implicit rewards and the selection metrics say little about "
             "your data; sft_steps > 0 fits it to the data's responses first")
         return None
-    return fit_to_pairs(train_pairs, tokenizer, steps=cfg.sft_steps, seed=cfg.seed, log=log)
+    # data_seed, as the built-in base model: the reference stays fixed across training seeds
+    return fit_to_pairs(train_pairs, tokenizer, steps=cfg.sft_steps, seed=cfg.data_seed,
+                        log=log)
 
 
 def _encoder_embeddings(cfg, splits, tokenizer, device, log) -> tuple[dict, ...] | None:

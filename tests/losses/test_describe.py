@@ -159,3 +159,17 @@ def test_no_stage_outside_the_loss_package_names_a_registry_member():
                 if hit:
                     found.append(f"{path.relative_to(root)}:{line}: {sorted(hit)}")
     assert not found, "\n".join(found)
+
+
+def test_selection_candidates_are_distinct_penalties_not_scaled_copies():
+    """Two candidates whose values are proportional on every pair of distributions would be
+    one candidate twice (fdiv with f = kl is kl; renyi at 0.5 is twice bhattacharyya)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(64, 12, generator=g, dtype=torch.float64) * 2
+    q = torch.randn(64, 12, generator=g, dtype=torch.float64) * 2
+    values = {name: DIVERGENCES.create(name)(p, q) for name in divergence_candidates()}
+    names = sorted(values)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ratio = values[a] / values[b]
+            assert float(ratio.std() / ratio.mean().abs()) > 0.01, (a, b)

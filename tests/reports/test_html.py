@@ -43,26 +43,28 @@ def write_search(directory, *, n=16, kernel=True, builtin=True, mode="max", sele
         k, d = (KERNELS[i % 2], DIVERGENCES[(i // 2) % 2]) if kernel else (None, None)
         row = {"trial_id": f"t{i:03d}", "number": i, "status": "ok", "error": None,
                "loss": "kernel_dpo" if kernel else "dpo", "kernel": k, "divergence": d,
-               "beta": beta, "gamma": float(rng.uniform(0, 1)), "lr": 1e-3,
+               "kernel_dpo.beta": beta, "kernel_dpo.gamma": float(rng.uniform(0, 1)),
+               "lr": 1e-3,
                "objective": objective_of(beta), "predicted_rank": float(i % 4 + 1),
                "pref_accuracy": float(rng.uniform(0.5, 0.9)), "wall_s": 1.0 + i,
                "tokens_per_s": 1000.0}
         if builtin:
             row.update(true_reward=row["objective"], kl=float(rng.uniform(0, 2)),
                        ref_true_reward=0.3)
-        steps = [{"step": s, "loss": 0.7 - 0.1 * s, "beta": beta, "pref_accuracy": 0.6}
+        steps = [{"step": s, "train_loss": 0.7 - 0.1 * s, "current_beta": beta,
+                  "pref_accuracy": 0.6}
                  for s in (1, 2)]
         writer.write_trial(row, steps)
     writer.write_trial({"trial_id": "failed1", "number": n, "status": "failed",
                         "error": SCRIPT_ERROR, "objective": None, "loss": "dpo",
-                        "beta": 0.1, "gamma": 0.5, "lr": 1e-3})
+                        "dpo.beta": 0.1, "lr": 1e-3})
     writer.write_trial({"trial_id": "pruned1", "number": n + 1, "status": "pruned",
-                        "error": None, "objective": 0.1, "loss": "dpo", "beta": 0.5,
-                        "gamma": 0.5, "lr": 1e-3})
+                        "error": None, "objective": 0.1, "loss": "dpo", "dpo.beta": 0.5,
+                        "lr": 1e-3})
     writer.write_meta({"kind": "search", "name": "demo",
                        "objectives": [{"metric": "true_reward", "mode": mode}],
-                       "params": ["loss.name", "loss.kernel", "loss.divergence", "loss.beta",
-                                  "loss.gamma", "lr"],
+                       "params": ["loss", "kernel", "divergence", "kernel_dpo.beta",
+                                  "kernel_dpo.gamma", "lr"],
                        "versions": {"raypo": "0.1.0"}})
     if selection:
         pairs = [(k, d) for k in (*KERNELS, "mahalanobis") for d in (*DIVERGENCES, "hellinger")]
@@ -123,7 +125,7 @@ def test_heatmap_shows_means_counts_and_predicted_ranks(report, page):
 def test_the_parameter_that_sets_the_objective_is_more_important_than_noise(report):
     result = importances(report)
     assert isinstance(result, dict), result
-    assert result["beta"] > result["gamma"]
+    assert result["kernel_dpo.beta"] > result["kernel_dpo.gamma"]
 
 
 def test_best_trials_follow_the_objectives_mode(tmp_path):
@@ -177,13 +179,15 @@ def test_cli_exits_2_when_the_folder_is_not_a_report(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
-def test_without_searched_params_the_columns_before_status_are_hyperparameters(tmp_path):
-    writer = reports.ReportWriter(tmp_path, search="train")  # a `raypo train` row's order
-    writer.write_trial({"trial_id": "train", "loss": "dpo", "lr": 1e-3, "seed": 0, "beta": 0.1,
+def test_without_searched_params_the_schema_says_which_columns_are_hyperparameters(tmp_path):
+    writer = reports.ReportWriter(tmp_path, search="train")  # a `raypo train` row
+    writer.write_trial({"trial_id": "train", "loss": "dpo", "lr": 1e-3, "seed": 0,
+                        "dpo.beta": 0.1,
                         "status": "ok", "error": None, "objective": 0.5, "tokens": 918,
                         "htsr_alpha_min": 2.0, "kl": 0.1},
-                       [{"step": 2, "loss": 0.6, "lr": 1e-3, "kl": 0.1}])
-    assert hyperparameter_columns(reports.load(tmp_path)) == ["loss", "lr", "seed", "beta"]
+                       [{"step": 2, "train_loss": 0.6, "current_lr": 1e-3, "kl": 0.1}])
+    # the seed is noise to average over, never a parameter to rank
+    assert hyperparameter_columns(reports.load(tmp_path)) == ["loss", "lr", "dpo.beta"]
 
 
 def test_hmk_trials_without_a_divergence_get_a_none_column(tmp_path):

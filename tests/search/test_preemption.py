@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from raypo.cli import app
+from raypo.reports.schema import trial_row
 from raypo.search.space import load_space
 from raypo.train.run import run_trial
 
@@ -68,10 +69,11 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
     # report before a hard kill may be lost, never one after it), not from step 0
     assert killed["step"] <= row["resumed_from_step"] < SPACE["steps"], (killed, row)
 
-    straight, history = run_trial(load_space(path).fixed_config(), "straight",
-                                  log=lambda m: None)
-    for key in ("final_loss", "eval_loss", "pref_accuracy", "final_beta", "margin_ema",
-                "true_reward", "steps"):
+    cfg = load_space(path).fixed_config()
+    result, history = run_trial(cfg, "straight", log=lambda m: None)
+    straight = trial_row(cfg, result)  # named as the report names them
+    for key in ("final_loss", "eval_loss", "pref_accuracy", "beta", "margin_ema",
+                "true_reward", "final_steps"):
         assert row[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
     # a difference of two sequence log-probs (~10 each): float noise of 1e-6 shows at 1e-5
     assert row["kl"] == pytest.approx(straight["kl"], abs=1e-5)

@@ -50,13 +50,13 @@ def test_the_warm_start_takes_the_best_predicted_pairs_the_space_can_produce():
                            "divergence": {"choice": ["kl", "js"],
                                           "when": {"name": "kernel_dpo"}}})
     assert warm_start_points(space, RANKS) == [
-        {"loss.kernel": "rbf", "loss.divergence": "js", "loss.name": "kernel_dpo"},
-        {"loss.kernel": "polynomial", "loss.divergence": "kl", "loss.name": "kernel_dpo"}]
+        {"kernel": "rbf", "divergence": "js", "loss": "kernel_dpo"},
+        {"kernel": "polynomial", "divergence": "kl", "loss": "kernel_dpo"}]
     fixed = space_of(loss={"name": "kernel_dpo", "kernel": {"choice": ["rbf"]},
                            "divergence": {"choice": ["kl", "wasserstein"]}})
     assert warm_start_points(fixed, RANKS) == [
-        {"loss.kernel": "rbf", "loss.divergence": "wasserstein"},
-        {"loss.kernel": "rbf", "loss.divergence": "kl"}]
+        {"kernel": "rbf", "divergence": "wasserstein"},
+        {"kernel": "rbf", "divergence": "kl"}]
     assert warm_start_points(space_of(loss="dpo"), RANKS) == []
 
 

@@ -44,14 +44,15 @@ def test_ranges_choices_and_fixed_values_become_optuna_distributions():
     study = optuna.create_study()
     trial = study.ask()
     values = space.define(trial)
-    assert set(values) == {"lr", "batch_size", "seed", "loss.beta"}
+    # a loss parameter is named by its report column, qualified by the loss
+    assert set(values) == {"lr", "batch_size", "seed", "dpo.beta"}
     dist = trial.distributions
     assert dist["lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
     assert dist["seed"] == optuna.distributions.IntDistribution(0, 3)
     assert dist["batch_size"] == optuna.distributions.CategoricalDistribution([8, 16])
-    assert dist["loss.beta"].step == 0.05
+    assert dist["dpo.beta"].step == 0.05
     cfg = space.config(values)
-    assert cfg.lr == values["lr"] and cfg.loss.params["beta"] == values["loss.beta"]
+    assert cfg.lr == values["lr"] and cfg.loss.params["beta"] == values["dpo.beta"]
     assert cfg.steps == 10 and cfg.loss.name == "dpo"
 
 
@@ -63,12 +64,12 @@ def test_conditional_parameters_exist_only_when_their_condition_holds():
         "eps": {"low": 0.001, "high": 0.1, "when": {"loss.name": "epsilon_dpo"}}})
     seen = sample(space, n=60)
     for values in seen:
-        name = values["loss.name"]
-        assert ("loss.kernel" in values) == (name == "kernel_dpo")
-        assert ("loss.sigma" in values) == (values.get("loss.kernel") == "rbf")
-        assert ("loss.eps" in values) == (name == "epsilon_dpo")
-    assert {v["loss.name"] for v in seen} == {"dpo", "kernel_dpo", "epsilon_dpo"}
-    assert any("loss.sigma" in v for v in seen)
+        name = values["loss"]
+        assert ("kernel" in values) == (name == "kernel_dpo")
+        assert ("kernel_dpo.sigma" in values) == (values.get("kernel") == "rbf")
+        assert ("epsilon_dpo.eps" in values) == (name == "epsilon_dpo")
+    assert {v["loss"] for v in seen} == {"dpo", "kernel_dpo", "epsilon_dpo"}
+    assert any("kernel_dpo.sigma" in v for v in seen)
 
 
 def test_a_condition_may_list_several_values_and_name_a_fixed_parameter():
@@ -80,7 +81,7 @@ def test_a_condition_may_list_several_values_and_name_a_fixed_parameter():
     for values in sample(space, n=20):
         cfg = space.config(values)
         assert cfg.beta_schedule.params == {"end_beta": 0.01}
-        assert ("loss.degree" in values) == (values["loss.kernel"] == "polynomial")
+        assert ("kernel_dpo.degree" in values) == (values["kernel"] == "polynomial")
 
 
 def test_a_space_with_nothing_searched_is_a_training_config():
@@ -125,7 +126,7 @@ BAD = [
     ({"loss": {"name": "kernel_dpo", "divergence": {"choice": ["kl", "tv"]}}}, "tv"),
     ({"loss": {"name": "mi_dpo", "prior": {"choice": ["reference", "flat"]}}}, "flat"),
     ({"loss": {"name": {"choice": ["dpo", "epsilon_dpo"]}, "eps": 0.01}},
-     r"loss.name='dpo'"),
+     r"loss='dpo'"),
     ({"loss": {"name": {"choice": ["dpo", "epsilon_dpo"]},
                "eps": {"low": 0.001, "high": 0.1, "when": {"nme": "epsilon_dpo"}}}},
      "loss.eps.when: condition on unknown parameter 'nme'"),

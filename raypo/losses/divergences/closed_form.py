@@ -86,16 +86,19 @@ class Renyi(Divergence):
     Source: DPO-Kernels (arXiv 2501.03271).
 
     Args:
-        alpha: the order, > 0. Default 1.01, the DPO-Kernels code's default.
+        alpha: the order, > 0. Default 2 (log(1 + chi^2): heavier than KL where the reference
+            puts little mass). The DPO-Kernels code's default, 1.01, is KL within 1% and would
+            make this candidate a copy of `kl`; 0.5 is twice `bhattacharyya`.
 
     P^a Q^(1-a) = P exp((a-1) r) with r = log P - log Q; logsumexp(log P) (0 in exact
     arithmetic) is subtracted so that the rounding of the normaliser, which 1/(a-1) would
     amplify a hundredfold at a = 1.01, cancels and the value is exactly 0 at P == Q.
     """
 
-    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)  # as KL near 1
+    # unbounded, and it weights P^2 / Q: it relies on the support even more than KL
+    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
 
-    def __init__(self, alpha: float = 1.01):
+    def __init__(self, alpha: float = 2.0):
         super().__init__()
         self.alpha = check_positive("renyi", "alpha", alpha)
 

@@ -65,7 +65,9 @@ class FDivergence(Divergence):
     (arXiv 2501.03271).
 
     Args:
-        f: the generator, by name (default "kl"), with t = P / Q:
+        f: the generator, by name (default "reverse_kl", KL(Q || P): as a selection candidate
+            the default must differ from the `kl` candidate, which f = "kl" would copy), with
+            t = P / Q:
             - kl:         f(t) = t log t                               -> KL(P || Q)
             - reverse_kl: f(t) = -log t                                -> KL(Q || P)
             - chi2:       f(t) = (t - 1)^2                             -> sum P^2 / Q - 1
@@ -76,9 +78,10 @@ class FDivergence(Divergence):
     js and hellinger are scaled so that they equal the `js` and `hellinger` divergences.
     """
 
-    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)  # default f = kl
+    # default f = reverse_kl: unbounded where the policy drops the reference's mass
+    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
 
-    def __init__(self, f: str = "kl"):
+    def __init__(self, f: str = "reverse_kl"):
         super().__init__()
         if f not in GENERATORS:
             raise ValueError(f"fdiv: unknown f {f!r}; expected one of: {', '.join(GENERATORS)}")

@@ -1,0 +1,281 @@
+"""The confirmation stage: do the search's best configurations beat the baseline beyond seed
+noise?
+
+A search's trials run once each, under one seed, and its best trial is partly the luckiest
+one. The confirmation takes the best `top` distinct configurations of the search (the
+finalists) and, for each, a baseline that differs only in the loss (by default DPO with the
+finalist's beta, learning rate, schedule and every other setting), and trains every one of
+them under the same fresh seeds. The runs go through Ray Tune like trials (concurrency,
+resources, cluster, retries of dead workers); each run's row is written to confirm.parquet as it
+ends, so an interrupted confirmation resumes by running only the runs that have no row.
+
+Then, per finalist, raypo.reports.stats: the mean and 95% interval of its objective and its
+baseline's, the paired difference by seed with its interval, the paired t-test, Holm's
+correction across the finalists and the effect size; confirm_stats.parquet holds them and
+search.json the verdict:
+"<finalist> beats <baseline> by ... (95% CI ..., Holm p ..., N seeds)", or
+"no finalist beats <baseline> beyond seed noise (N seeds)".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from raypo.losses import LOSSES
+from raypo.reports.schema import describe, searched_values
+from raypo.reports.stats import ALPHA, holm, paired, summary
+from raypo.reports.writer import write_json_atomic, write_parquet_atomic
+from raypo.search.space import Confirm, SearchSpace, SpaceError
+from raypo.train.config import TrainConfig
+
+PLAN = "confirm_plan.json"
+RUNS = "confirm.parquet"
+STATS = "confirm_stats.parquet"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def config_id(cfg: TrainConfig) -> str:
+    """What identifies a configuration across seeds: a hash of every setting but the seed
+    and the run's name, the loss's defaults filled in (`{name: dpo}` is `{name: dpo, beta:
+    0.1}`)."""
+    import inspect
+
+    tree = cfg.model_dump(mode="json", exclude={"seed", "name"})
+    defaults = {k: v for k, v in LOSSES.parameters(cfg.loss.name).items()
+                if v is not inspect.Parameter.empty}
+    tree["loss"] = {**json.loads(json.dumps(defaults, default=str)), **tree["loss"]}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def baseline_config(cfg: TrainConfig, baseline: dict) -> TrainConfig:
+    """`cfg` with its loss replaced by `baseline`, which keeps the finalist's beta unless it
+    gives its own (and takes a beta at all)."""
+    loss = dict(baseline)
+    takes_beta = "beta" in LOSSES.parameters(loss["name"]) if loss["name"] in LOSSES else False
+    beta = cfg.loss.params.get("beta", LOSSES.parameters(cfg.loss.name).get("beta"))
+    if takes_beta and "beta" not in loss and isinstance(beta, int | float):
+        loss["beta"] = beta
+    tree = cfg.model_dump(mode="json")
+    tree["loss"] = loss
+    return TrainConfig.model_validate(tree)
+
+
+@dataclass
+class Plan:
+    """The finalists, their baselines and every run (configuration x seed) to train."""
+
+    seeds: list[int]
+    metric: str
+    mode: str
+    baseline: str
+    finalists: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"seeds": self.seeds, "metric": self.metric, "mode": self.mode,
+                "baseline": self.baseline, "finalists": self.finalists, "runs": self.runs}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        return cls(**data)
+
+    def same_as(self, other: Plan) -> bool:
+        key = lambda p: ([f["config_id"] for f in p.finalists], p.seeds)  # noqa: E731
+        return key(self) == key(other)
+
+
+def finalists(trials: pd.DataFrame, space: SearchSpace, top: int) -> list[tuple[dict, dict]]:
+    """The best `top` distinct configurations among the finished trials, best first, as
+    (trial row, searched values)."""
+    objective = space.objectives[0]
+    if trials.empty or "status" not in trials:
+        return []
+    ok = trials[(trials["status"] == "ok") & trials["objective"].notna()]
+    ok = ok.sort_values("objective", ascending=objective.mode == "min", kind="stable")
+    picked, seen = [], set()
+    for _, row in ok.iterrows():
+        if "searched" not in row or not isinstance(row["searched"], str):
+            raise SpaceError(f"trial {row['trial_id']}: the report does not record its searched "
+                             "values (a report from an older raypo); run the search again")
+        values = searched_values(row)
+        cid = config_id(space.config(values))
+        if cid in seen:
+            continue
+        seen.add(cid)
+        picked.append((row.to_dict(), values))
+        if len(picked) == top:
+            break
+    return picked
+
+
+def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Plan:
+    objective = space.objectives[0]
+    search_seed = space.config(space.representative_values()[0]).seed
+    seeds = settings.seed_list(search_seed)
+    plan = Plan(seeds=seeds, metric=objective.metric, mode=objective.mode,
+                baseline=str(settings.baseline["name"]))
+    configs: dict[str, tuple[TrainConfig, str, dict]] = {}
+    for rank, (row, values) in enumerate(finalists(trials, space, settings.top), 1):
+        cfg = space.config(values)
+        try:
+            base = baseline_config(cfg, settings.baseline)
+        except ValueError as e:
+            raise SpaceError(f"{space.source}: confirm.baseline: {e}") from None
+        fid, bid = config_id(cfg), config_id(base)
+        configs[fid] = (cfg, "finalist", values)
+        configs.setdefault(bid, (base, "baseline", {}))
+        plan.finalists.append({"rank": rank, "trial_id": row["trial_id"], "config_id": fid,
+                               "baseline_id": bid, "label": describe(row),
+                               "search_objective": float(row["objective"])})
+    for cid, (cfg, role, values) in configs.items():
+        for seed in seeds:
+            run_cfg = cfg.model_copy(update={"seed": seed})
+            plan.runs.append({"run_id": f"{cid}-s{seed}", "config_id": cid, "role": role,
+                              "seed": seed, "searched": values,
+                              "config": run_cfg.model_dump(mode="json")})
+    return plan
+
+
+def _done_runs(directory: Path) -> pd.DataFrame:
+    path = directory / RUNS
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+
+def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
+                     address: str | None = None, log=_log) -> dict:
+    """Plan (or re-read the plan), train the runs that have no row yet, compute the
+    statistics; returns the confirmation's summary (also in search.json)."""
+    directory = Path(directory)
+    trials_path = directory / "trials.parquet"
+    if not trials_path.is_file():
+        raise SpaceError(f"{directory}: no trials.parquet: nothing to confirm")
+    plan = make_plan(pd.read_parquet(trials_path), space, settings)
+    if not plan.finalists:
+        raise SpaceError(f"{directory}: no finished trial to confirm")
+    plan_path = directory / PLAN
+    if plan_path.is_file():
+        earlier = Plan.from_json(json.loads(plan_path.read_text()))
+        if not earlier.same_as(plan) and not _done_runs(directory).empty:
+            raise SpaceError(
+                f"{plan_path}: a confirmation of other finalists or seeds is recorded here "
+                f"(finalists {[f['config_id'] for f in earlier.finalists]}, seeds "
+                f"{earlier.seeds}); remove {RUNS}, {STATS} and {PLAN} to start another")
+    write_json_atomic(plan_path, plan.to_json())
+    done = _done_runs(directory)
+    finished = set(done["trial_id"]) if not done.empty else set()
+    todo = [r for r in plan.runs if r["run_id"] not in finished]
+    log(f"confirmation: {len(plan.finalists)} finalist(s) against {plan.baseline}, "
+        f"{len(plan.seeds)} seeds: {len(plan.runs)} runs, {len(todo)} to train")
+    if todo:
+        _train(space, directory, plan, todo, address, log)
+    rows = _done_runs(directory)
+    stats = confirmation_stats(plan, rows)
+    write_parquet_atomic(directory / STATS, stats)
+    missing = [r["run_id"] for r in plan.runs
+               if rows.empty or r["run_id"] not in set(rows["trial_id"])]
+    result = {"status": "incomplete" if missing else "finished", "seeds": plan.seeds,
+              "top": len(plan.finalists), "baseline": plan.baseline, "metric": plan.metric,
+              "runs": len(plan.runs), "missing_runs": len(missing),
+              "verdict": verdict(stats, plan)}
+    if missing:
+        result["resume"] = f"raypo confirm {directory}"
+        log(f"confirmation incomplete: {len(missing)} of {len(plan.runs)} runs missing; "
+            f"continue with: raypo confirm {directory}")
+    _record_in_meta(directory, result)
+    return result
+
+
+def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], address, log
+           ) -> None:
+    from ray import tune
+
+    from raypo.search.recorder import ConfirmRecorder
+    from raypo.search.run import _resources, _start_ray
+    from raypo.search.trial import confirm_trial
+
+    _start_ray(space, address)
+    recorder = ConfirmRecorder(str(directory), space.name, plan.metric, total=len(plan.runs))
+    trainable = tune.with_resources(confirm_trial, _resources(space))
+    # each attempt its own experiment: what a killed attempt finished is in confirm.parquet,
+    # and the next attempt runs only the rest
+    storage = directory / "confirm_tune"
+    name = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}"
+    tuner = tune.Tuner(
+        trainable, param_space={"run": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(num_samples=1,
+                                    max_concurrent_trials=space.settings.budget.concurrency,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  callbacks=[recorder],
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    tuner.fit()
+
+
+def _by_seed(rows: pd.DataFrame, cid: str, seeds: list[int], metric: str) -> list[float]:
+    if rows.empty:
+        return [math.nan] * len(seeds)
+    mine = rows[(rows["config_id"] == cid) & (rows["status"] == "ok")]
+    values = dict(zip(mine["seed"].astype(int), pd.to_numeric(mine[metric], errors="coerce"),
+                      strict=True)) if metric in mine else {}
+    return [float(values.get(s, math.nan)) for s in seeds]
+
+
+def confirmation_stats(plan: Plan, rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per finalist: its and its baseline's summary, the paired comparison, the Holm
+    adjusted p-value and whether it beats the baseline (better in the objective's direction
+    with Holm p < 0.05)."""
+    out = []
+    for f in plan.finalists:
+        a = _by_seed(rows, f["config_id"], plan.seeds, plan.metric)
+        b = _by_seed(rows, f["baseline_id"], plan.seeds, plan.metric)
+        mine, base, diff = summary(a), summary(b), paired(a, b)
+        out.append({
+            "rank": f["rank"], "trial_id": f["trial_id"], "label": f["label"],
+            "config_id": f["config_id"], "baseline_id": f["baseline_id"],
+            "baseline": plan.baseline, "metric": plan.metric, "mode": plan.mode,
+            "search_objective": f["search_objective"], "seeds": len(plan.seeds),
+            **{f"{k}": v for k, v in mine.items()},
+            **{f"baseline_{k}": v for k, v in base.items()},
+            **diff, "same_as_baseline": f["config_id"] == f["baseline_id"]})
+    stats = pd.DataFrame(out)
+    if stats.empty:
+        return stats
+    stats["p_holm"] = holm(stats["p"].tolist())
+    sign = 1.0 if plan.mode == "max" else -1.0
+    stats["beats_baseline"] = (sign * stats["diff_mean"] > 0) & (stats["p_holm"] < ALPHA)
+    return stats
+
+
+def verdict(stats: pd.DataFrame, plan: Plan) -> str:
+    """The one line `raypo select` prints (module docstring)."""
+    n = len(plan.seeds)
+    if stats.empty:
+        return f"no finalist to compare with {plan.baseline}"
+    winners = stats[stats["beats_baseline"]]
+    if winners.empty:
+        seeds = int(stats["n"].min()) if stats["n"].notna().all() else n
+        return f"no finalist beats {plan.baseline} beyond seed noise ({seeds} seeds)"
+    sign = 1.0 if plan.mode == "max" else -1.0
+    best = winners.loc[(sign * winners["diff_mean"]).idxmax()]
+    direction = "higher" if plan.mode == "max" else "lower"
+    return (f"{best['label']} beats {plan.baseline} by {abs(best['diff_mean']):.4g} "
+            f"{plan.metric} ({direction}; 95% CI {best['diff_ci_low']:+.4g} to "
+            f"{best['diff_ci_high']:+.4g}, Holm p {best['p_holm']:.3g}, {int(best['n'])} seeds)")
+
+
+def _record_in_meta(directory: Path, result: dict) -> None:
+    path = directory / "search.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta["confirmation"] = result
+    write_json_atomic(path, meta)
