@@ -73,6 +73,8 @@ def train(
         _fail(str(e))
     bar.close()
     row = trial_row(cfg, result)
+    if model_save is not None and row["status"] == "ok":
+        row["model_path"] = str(model_save.directory)  # what `raypo export` copies
     out = Path(cfg.reports) / cfg.name
     writer = ReportWriter(out, search=cfg.name)
     writer.write_trial(row, history)

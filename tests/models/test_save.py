@@ -59,6 +59,11 @@ def test_a_saved_policy_loads_with_from_pretrained_and_reproduces_the_held_out_l
     assert meta["metrics"]["eval_loss"] == pytest.approx(row["eval_loss"])
     assert meta["report"].endswith("builtin_dpo")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aligned")]  # no temp left
+    assert row["model_path"] == str(out)
+    exported = CliRunner().invoke(app, ["export", str(tmp_path / "reports" / "builtin_dpo"),
+                                        str(tmp_path / "copy")])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "copy" / META).read_text())["format"] == "full"
 
     again = _train(tmp_path, "--save", out, sets=[*SMALL, "steps=2"])  # a raypo save: replaced
     assert again.exit_code == 0, again.output
