@@ -81,20 +81,10 @@ def raypo_search(space, reports: Path) -> tuple[float, list[dict]]:
     folder = run_search(space, reports=reports, log=lambda m: None)
     ray.shutdown()
     seconds = time.perf_counter() - start
+    from raypo.reports.schema import searched_values
+
     trials = pd.read_parquet(folder / "trials.parquet").sort_values("number")
-    names = [p.name for p in space.params]
-    sampled = []
-    for row in trials.itertuples():
-        values = {}
-        for name in names:
-            leaf = name.rsplit(".", 1)[-1]
-            column = "loss" if name == "loss.name" else leaf
-            value = getattr(row, column, None)
-            if isinstance(value, float) and math.isnan(value):
-                continue
-            if value is not None:
-                values[name] = value
-        sampled.append(values)
+    sampled = [searched_values(row) for _, row in trials.iterrows()]
     return seconds, sampled
 
 

@@ -15,13 +15,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line
     raise typer.Exit(code)
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 @app.callback()
 def main() -> None:
     """raypo: DPO-variant search with Ray Tune + Optuna."""
+    import warnings
+
+    warnings.formatwarning = _warning_line  # raypo's warnings read as one line, not a trace
 
 
 @app.command()
@@ -37,49 +44,35 @@ def train(
                                         "adapter")] = False,
 ) -> None:
     """Train one DPO variant; write a one-trial report under reports/<name>/."""
-    from tqdm import tqdm
-
     from raypo.data.errors import DataError
-    from raypo.reports import ReportWriter
-    from raypo.reports.schema import trial_row
-    from raypo.train.config import ConfigError, load_config
-    from raypo.train.run import run_trial
+    from raypo.reports.folder import ReportFolderError, train_folder
+    from raypo.reports.lock import LockedError, ReportLock
+    from raypo.reports.writer import ReportWriteError
+    from raypo.search.interrupt import Interrupted, Interrupts
+    from raypo.train.config import ConfigError, load_config, name_problem
 
+    if name is not None and name_problem(name):
+        _fail(f"--name: {name_problem(name)}")
     try:
         cfg = load_config(config, set_)
     except ConfigError as e:
         _fail(str(e))
     if name:
         cfg = cfg.model_copy(update={"name": name})
-    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
-    model_save = _model_save(save, merge, cfg, log)
-    bar = tqdm(total=cfg.steps, desc=f"train {cfg.loss.name}", file=sys.stderr,
-               dynamic_ncols=True)
-
-    def progress(step, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-
-    def on_eval(step, metrics):
-        shown = {k: metrics[k] for k in ("pref_accuracy", "true_reward", "kl") if k in metrics}
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()),
-                  file=sys.stderr)
-
-    try:
-        result, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
-                                    save=model_save)
-    except (DataError, ConfigError) as e:
-        bar.close()
-        _fail(str(e))
-    bar.close()
-    row = trial_row(cfg, result)
-    if model_save is not None and row["status"] == "ok":
-        row["model_path"] = str(model_save.directory)  # what `raypo export` copies
+    model_save = _model_save(save, merge, cfg, lambda msg: typer.echo(msg, err=True))
     out = Path(cfg.reports) / cfg.name
-    writer = ReportWriter(out, search=cfg.name)
-    writer.write_trial(row, history)
-    writer.write_meta({"kind": "train", "config": cfg.model_dump(mode="json")})
-    log(f"report: {out}")
+    try:
+        with Interrupts(), ReportLock(out, "train"):
+            writer = train_folder(out, cfg.name)  # before training: a report it may write
+            row, history = _train_run(cfg, model_save)
+            writer.write_trial(row, history)
+            writer.write_meta({"kind": "train", "config": cfg.model_dump(mode="json")})
+    except (DataError, ConfigError, LockedError, ReportFolderError, ReportWriteError) as e:
+        _fail(str(e))
+    except Interrupted as e:
+        _fail(f"{e}: the run stopped before its end; nothing was written to {out}",
+              code=e.exit_code)
+    typer.echo(f"report: {out}", err=True)
     if row["status"] != "ok":
         _fail(row["error"], code=1)
     if as_json:
@@ -109,6 +102,45 @@ def _model_save(save: Path | None, merge: bool, cfg, log):
     return target
 
 
+def _train_run(cfg, model_save=None):
+    """The run itself, with a progress bar on stderr (made at the first step, so that an
+    error before training shows alone); `model_save` writes the trained policy."""
+    from tqdm import tqdm
+
+    from raypo.train.run import run_trial
+
+    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    bars = []
+
+    def progress(step, loss):
+        if not bars:
+            bars.append(tqdm(total=cfg.steps, desc=f"train {cfg.loss.name}", file=sys.stderr,
+                             dynamic_ncols=True, initial=step - 1))
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{loss:.4f}")
+
+    def on_eval(step, metrics):
+        shown = {k: metrics[k] for k in ("pref_accuracy", "true_reward", "kl") if k in metrics}
+        text = f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
+        if bars:
+            bars[0].write(text, file=sys.stderr)
+        else:
+            log(text)
+
+    from raypo.reports.schema import trial_row
+
+    try:
+        result, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
+                                    save=model_save)
+        row = trial_row(cfg, result)
+        if model_save is not None and row["status"] == "ok":
+            row["model_path"] = str(model_save.directory)  # what `raypo export` copies
+        return row, history
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 @app.command()
 def search(
     space: Annotated[Path, typer.Argument(help="YAML search space (search_spaces/*.yaml)")],
@@ -124,21 +156,37 @@ def search(
         "(default: when the space has a `confirm:` section)")] = None,
 ) -> None:
     """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
+    import os
+
+    if address is None and "ray" not in sys.modules:
+        # a local instance listens on loopback only (Ray reads this when it is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from raypo.data.errors import DataError
+    from raypo.reports.folder import ReportFolderError, search_folder
+    from raypo.reports.lock import LockedError, ReportLock
+    from raypo.reports.writer import ReportWriteError
+    from raypo.search.interrupt import Interrupted
     from raypo.search.run import run_search
     from raypo.search.space import SpaceError, load_space
-    from raypo.train.config import ConfigError
+    from raypo.train.config import ConfigError, name_problem
 
     overrides = {"model": model, "data": data, "name": name,
                  "budget.trials": samples}
     if samples is not None and samples < 1:
         _fail("--samples: expected a positive number of trials")
+    if name is not None and name_problem(name):
+        _fail(f"--name: {name_problem(name)}")
     try:
         parsed = load_space(space, overrides)
-        out = run_search(parsed, reports=reports, address=address, resume=resume,
-                         confirm=confirm)
-    except (SpaceError, ConfigError, DataError) as e:
+        with ReportLock(reports / parsed.name, "search"):
+            search_folder(reports / parsed.name, resume)  # writable, not another kind's
+            out = run_search(parsed, reports=reports, address=address, resume=resume,
+                             confirm=confirm)
+    except (SpaceError, ConfigError, DataError, LockedError, ReportFolderError,
+            ReportWriteError) as e:
         _fail(str(e))
+    except Interrupted as e:
+        _fail(str(e), code=e.exit_code)
     from raypo.reports import load
 
     report = load(out)
@@ -201,10 +249,16 @@ def select(
     if pairs.empty and best.empty:
         _fail(f"{report}: no finished trial to choose from; {len(rep.trials)} trials in the "
               "report")
+    from raypo.reports.status import incomplete_note
+
+    note = incomplete_note(rep)  # a part of a search is not the search: say so first
+    if note:
+        typer.echo(f"note: {note}", err=True)
     stats = rep.confirmation()
     confirmed = not stats.empty
     out = {
-        "report": str(report), "status": rep.status, "metric": metric, "mode": mode,
+        "report": str(report), "status": rep.status, "incomplete": note, "metric": metric,
+        "mode": mode,
         "single_seed": not confirmed,
         "pairs": [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
                    "metric": metric, "std": _number(r.std), "best": r.best,
@@ -223,9 +277,8 @@ def select(
         return
     name = rep.meta.get("name", report)
     typer.echo(f"{name}: {len(rep.trials)} trials; objective {metric} ({mode})")
-    if rep.status != "finished":
-        typer.echo(f"warning: this search is {rep.status}: its trials are not all done "
-                   "(raypo search SPACE --resume continues it)")
+    if note:
+        typer.echo(f"warning: {note}")
     if confirmed:
         row0 = stats.iloc[0]
         typer.echo(f"confirmation: {len(stats)} finalist(s) against {row0['baseline']}, "
@@ -268,7 +321,10 @@ def confirm(
     """Train the search's best configurations and their baselines under several seeds and say
     whether any beats the baseline beyond seed noise (resumes an interrupted confirmation)."""
     from raypo.reports import load
+    from raypo.reports.lock import LockedError, ReportLock
+    from raypo.reports.writer import ReportWriteError
     from raypo.search.confirm import run_confirmation
+    from raypo.search.interrupt import Interrupted
     from raypo.search.space import Confirm, SpaceError, parse_space
 
     try:
@@ -283,10 +339,13 @@ def confirm(
         settings.update({k: v for k, v in {"top": top, "seeds": seeds}.items() if v})
         if baseline:
             settings["baseline"] = {"name": baseline}
-        result = run_confirmation(space, report, Confirm.model_validate(settings),
-                                  address=address)
-    except SpaceError as e:
+        with ReportLock(report, "confirm"):  # one writer per report
+            result = run_confirmation(space, report, Confirm.model_validate(settings),
+                                      address=address)
+    except (SpaceError, LockedError, ReportWriteError) as e:
         _fail(str(e))
+    except Interrupted as e:
+        _fail(str(e), code=e.exit_code)
     except ValueError as e:  # pydantic: a bad --top/--seeds/--baseline
         _fail(f"confirm: {e}")
     typer.echo(f"verdict: {result['verdict']}", err=True)
@@ -312,9 +371,13 @@ def report_command(
         loaded = load(report)
     except FileNotFoundError as e:
         _fail(str(e))
-    except (OSError, ValueError) as e:  # unreadable Parquet or search.json
-        _fail(f"{report}: cannot read the report: {e}")
-    typer.echo(str(write_html(loaded, out or report / "report.html")))
+    except (OSError, ValueError) as e:  # unreadable Parquet or search.json (named)
+        _fail(f"cannot read the report: {e}")
+    target = out or report / "report.html"
+    try:
+        typer.echo(str(write_html(loaded, target)))
+    except OSError as e:  # a read-only folder, a full disk: nothing half-written
+        _fail(f"{target}: cannot write: {e.strerror or e}")
 
 
 @app.command("export")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypo.data.errors import DataError
@@ -126,9 +127,17 @@ def _data_files(path: Path) -> list[Path]:
 def _parse(data: bytes, file: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of one file and its columns (ordered as first seen)."""
     if file.suffix == ".parquet":
-        table = pq.read_table(io.BytesIO(data))
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError.at(file, None, None, f"not a readable Parquet file: {e}") from None
         return table.to_pylist(), table.column_names
-    text = data.decode("utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError.at(file, None, None, f"line {line}: not UTF-8 text (byte "
+                           f"0x{data[e.start]:02x}); JSON files must be UTF-8") from None
     if file.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):

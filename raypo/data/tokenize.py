@@ -8,6 +8,13 @@ The ids follow TRL's DPOTrainer, so a model trained here sees what it would see 
   + EOS unless it already ends with it. No special tokens are added to either: the template
   carries them.
 
+Text is text: a prompt or response that contains a special token's spelling (`<|assistant|>`,
+`<eos>`) is tokenized as those characters (`split_special_tokens`), never as the control
+token, so data cannot forge a turn or an end of sequence. Only the chat template's own markup
+yields control tokens: message contents are rendered as placeholders, the template's text
+around them is tokenized with special tokens and the contents without. Tokens that become the
+unknown token (characters a vocabulary lacks) are counted in one warning.
+
 Prompt and responses are tokenized separately, so every response starts at a known position
 after its prompt (what `collate` relies on), even where a joint tokenization would merge
 tokens across the boundary.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +35,14 @@ import numpy as np
 import torch
 
 from raypo.data.cache import atomic_torch_save, cache_root, hash_json, tokenizer_fingerprint
+from raypo.data.checks import warn_unknown
 from raypo.data.errors import DataError
 from raypo.data.formats import COLUMNS
 
 log = logging.getLogger(__name__)
 
 # Bump when the token ids this module produces for the same inputs change, so old caches miss.
-TOKENIZE_VERSION = 1
+TOKENIZE_VERSION = 2  # 2: special-token spellings in text are text
 
 
 @dataclass
@@ -183,14 +192,46 @@ def _tokenize(
     limits = (max_length, max_prompt_length, truncate_responses, source)
     chosen = _fit(prompts, chosen, "chosen", *limits)
     rejected = _fit(prompts, rejected, "rejected", *limits)
+    warn_unknown({"prompt": prompts, "chosen": chosen, "rejected": rejected},
+                 getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None),
+                 source)
     return prompts, chosen, rejected
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of `texts`, with no special tokens added, no padding and no truncation."""
+def _encode(tokenizer: Any, texts: list[str], text_only: bool = True) -> list[list[int]]:
+    """Token ids of `texts`, with no special tokens added, no padding and no truncation;
+    `text_only`: a special token's spelling in the text is text, not the control token."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False,
+                     split_special_tokens=text_only)["input_ids"]
+
+
+# Placeholders for message contents while a chat template renders (private-use characters,
+# which no template rewrites and real text does not hold).
+_HOLE = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _holes(messages: list[dict], offset: int = 0) -> list[dict]:
+    return [{**m, "content": f"\ue000{offset + k}\ue001"} for k, m in enumerate(messages)]
+
+
+def _encode_rendered(tokenizer: Any, rendered: str, contents: list[str]) -> list[int]:
+    """Ids of a template rendering with placeholders: the template's text with its special
+    tokens, each content as text only."""
+    ids: list[int] = []
+    pieces = _HOLE.split(rendered)  # template, index, template, index, ..., template
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            ids += _encode(tokenizer, [contents[int(piece)]])[0] if contents[int(piece)] else []
+        elif piece:
+            ids += _encode(tokenizer, [piece], text_only=False)[0]
+    return ids
+
+
+def _mentions_special(tokenizer: Any, messages: list[dict]) -> bool:
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    return any(s in m["content"] for m in messages for s in specials)
 
 
 def _keep_end(prompt: list[int], limit: int, bos: int | None) -> list[int]:
@@ -232,28 +273,64 @@ def _conversational(columns: dict[str, list], tokenizer: Any, source: str):
         )
     prompt_texts: list[str] = []
     responses: dict[str, list[str]] = {"chosen": [], "rejected": []}
+    literal: dict[int, dict[str, list[int]]] = {}  # rows whose contents spell special tokens
     for i, prompt in enumerate(columns["prompt"]):
+        messages = prompt + columns["chosen"][i] + columns["rejected"][i]
+        if _mentions_special(tokenizer, messages):
+            literal[i] = _conversational_row(tokenizer, prompt, columns, i, source)
+            prompt_texts.append("")
+            for texts in responses.values():
+                texts.append("")
+            continue
         prompt_text = tokenizer.apply_chat_template(
             prompt, tokenize=False, add_generation_prompt=True
         )
         prompt_texts.append(prompt_text)
         for column, texts in responses.items():
             full = tokenizer.apply_chat_template(prompt + columns[column][i], tokenize=False)
-            if not full.startswith(prompt_text):
-                raise DataError.at(
-                    source, column, i,
-                    "the chat template does not render the prompt (with its generation "
-                    "prompt) as a prefix of prompt + response, so the response cannot be cut "
-                    f"out; prompt renders as {prompt_text[-80:]!r}, prompt + response as "
-                    f"{full[:len(prompt_text) + 40][-120:]!r}",
-                )
-            texts.append(full[len(prompt_text):])
+            texts.append(_response_text(prompt_text, full, column, i, source))
     eos = tokenizer.eos_token_id
+    # the template's own markup must stay control tokens: no split here
+    ids = {"prompt": _encode(tokenizer, prompt_texts, text_only=False),
+           **{c: _encode(tokenizer, t, text_only=False) for c, t in responses.items()}}
+    for i, row in literal.items():
+        for column, row_ids in row.items():
+            ids[column][i] = row_ids
     return (
-        _encode(tokenizer, prompt_texts),
-        _with_eos(_encode(tokenizer, responses["chosen"]), eos),
-        _with_eos(_encode(tokenizer, responses["rejected"]), eos),
+        ids["prompt"],
+        _with_eos(ids["chosen"], eos),
+        _with_eos(ids["rejected"], eos),
     )
+
+
+def _response_text(prompt_text: str, full: str, column: str, i: int, source: str) -> str:
+    if not full.startswith(prompt_text):
+        raise DataError.at(
+            source, column, i,
+            "the chat template does not render the prompt (with its generation "
+            "prompt) as a prefix of prompt + response, so the response cannot be cut "
+            f"out; prompt renders as {prompt_text[-80:]!r}, prompt + response as "
+            f"{full[:len(prompt_text) + 40][-120:]!r}",
+        )
+    return full[len(prompt_text):]
+
+
+def _conversational_row(tokenizer: Any, prompt: list[dict], columns: dict[str, list], i: int,
+                        source: str) -> dict[str, list[int]]:
+    """Prompt and response ids of a row whose contents spell special tokens, rendered with
+    placeholders so those spellings stay text."""
+    contents = [m["content"] for m in prompt]
+    prompt_text = tokenizer.apply_chat_template(_holes(prompt), tokenize=False,
+                                                add_generation_prompt=True)
+    out = {"prompt": _encode_rendered(tokenizer, prompt_text, contents)}
+    for column in ("chosen", "rejected"):
+        response = columns[column][i]
+        full = tokenizer.apply_chat_template(
+            _holes(prompt) + _holes(response, len(prompt)), tokenize=False)
+        text = _response_text(prompt_text, full, column, i, source)
+        out[column] = _encode_rendered(tokenizer, text,
+                                       contents + [m["content"] for m in response])
+    return out
 
 
 def _fit(

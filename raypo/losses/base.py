@@ -35,6 +35,9 @@ class PreferenceLoss(nn.Module):
     # The parameters naming the (kernel, divergence) pair the selection rule ranks, for a
     # loss whose pair it ranks; () for the others.
     selection_params: ClassVar[tuple[str, ...]] = ()
+    # The parameter that weighs the kernel's margin in such a loss (the rule judges a
+    # kernel's margin at that weight); None for the others.
+    kernel_weight_param: ClassVar[str | None] = None
 
     def __init__(self, beta: float = 0.1):
         super().__init__()

@@ -63,6 +63,7 @@ class KernelDPO(PreferenceLoss):
 
     family = "kernel"
     selection_params = ("kernel", "divergence")
+    kernel_weight_param = "gamma"
 
     def __init__(self, beta: float = 0.1, gamma: float = 0.1, kernel: str = "rbf",
                  divergence: str | None = None, alpha_div: float = 0.01, **params):

@@ -30,6 +30,7 @@ import pandas as pd
 
 from raypo.files import atomic_write
 from raypo.reports.schema import NOT_PARAMETERS, is_parameter
+from raypo.reports.status import incomplete_note
 from raypo.reports.tables import Report
 
 # Shown beside the objective in the best-trials table, when present.
@@ -563,6 +564,8 @@ def render_html(report: Report) -> str:
     nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title, _ in SECTIONS)
     body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{render(report)}</section>'
                    for key, title, render in SECTIONS)
+    if incomplete_note(report):  # half a search must not read as a whole one
+        body = f'<p class="note incomplete">{esc(incomplete_note(report))}</p>' + body
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>raypo report: {esc(name)}</title><style>{STYLE}</style></head><body>"
             f"<h1>raypo report: {esc(name)}</h1><nav>{nav}</nav>{body}</body></html>\n")

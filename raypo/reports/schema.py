@@ -111,16 +111,28 @@ def config_columns(cfg) -> dict[str, Any]:
     return row
 
 
+_OWN = {"trial_id", "status", "error", "objective", "number", "predicted_rank",
+        "resumed_from_step"}
+
+
+def _taken(columns) -> set[str]:
+    return set(columns) | set(BOOKKEEPING) | set(IDENTITY) | set(RUN)
+
+
+def metric_columns(cfg, names) -> set[str]:
+    """The columns metrics called `names` take in a row of a run of `cfg` (see trial_row)."""
+    taken = _taken(config_columns(cfg))
+    return {f"final_{n}" if n in taken and n not in _OWN else n for n in names}
+
+
 def trial_row(cfg, result: dict, searched: dict | None = None) -> dict[str, Any]:
     """A trial's row: the config's columns, then `result` (trial_id, status, error, objective
     and the metrics of raypo.train.run.run_trial), a metric whose name a column already has
     stored as `final_<name>`."""
     row = config_columns(cfg)
-    taken = set(row) | set(BOOKKEEPING) | set(IDENTITY) | set(RUN)
-    own = {"trial_id", "status", "error", "objective", "number", "predicted_rank",
-           "resumed_from_step"}
+    taken = _taken(row)
     for key, value in result.items():
-        row[f"final_{key}" if key in taken and key not in own else key] = value
+        row[f"final_{key}" if key in taken and key not in _OWN else key] = value
     if searched is not None:
         row["searched"] = json.dumps(searched, sort_keys=True, default=str)
     return row

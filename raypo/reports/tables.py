@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from raypo.reports.writer import read_table
+
 
 @dataclass
 class Report:
@@ -117,17 +119,29 @@ class Report:
                                              strict=True)}
 
 
+def read_meta(path: Path) -> dict:
+    """search.json ({} if absent); ValueError naming the file if it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({' '.join(str(e).split())}); restore or "
+                         "remove it") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def load(path: str | Path) -> Report:
     path = Path(path)
     if not (path / "trials.parquet").is_file():
         raise FileNotFoundError(f"{path}: no trials.parquet (is this a raypo report folder?)")
 
     def read(name: str) -> pd.DataFrame:
-        p = path / name
-        return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
+        return read_table(path / name)  # ValueError naming a damaged file
 
-    meta_path = path / "search.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_meta(path / "search.json")
     return Report(path, read("trials.parquet"), read("steps.parquet"),
                   read("selection.parquet"), meta, confirm=read("confirm.parquet"),
                   confirm_stats=read("confirm_stats.parquet"))

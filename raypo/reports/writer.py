@@ -1,18 +1,21 @@
 """Atomic Parquet writers: a table is rewritten whole to a temporary file in the same folder
-and renamed over the old one, so a reader (or a killed writer) never sees half a table.
-
-Files get the permissions the user's umask gives a new file (0644 with umask 022, 0664 with
-002), not `tempfile`'s private 0600: a report folder is shared (a team's NFS mount, a web
-server)."""
+and renamed over the old one, so a reader (or a killed writer) never sees half a table. Files
+get the mode the user's umask gives a new file (raypo.files), so a report folder can be
+shared."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from raypo.files import atomic_write
+from raypo.files import share_as_new
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -28,13 +31,99 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+class ReportWriteError(OSError):
+    """A report file could not be written (a full disk, a read-only folder); the message
+    names the file, and the file as it was before is unchanged."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _reason(error: OSError) -> tuple[str, int | None]:
+    """(the system's words for the error, its errno): pyarrow's errors carry the errno only
+    in their text."""
+    code = error.errno
+    if code is None:
+        found = re.search(r"\[errno (\d+)\]", str(error))
+        code = int(found.group(1)) if found else None
+    return (os.strerror(code) if code else " ".join(str(error).split())), code
+
+
+def _atomic(path: Path, write) -> None:
+    """`write(temporary path)`, then rename over `path`; on any failure the temporary file
+    is removed and ReportWriteError says which file and why."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename: a crash leaves old or new
+            os.fsync(f.fileno())
+        share_as_new(tmp)  # tables to share: mkstemp's 0600 is too private (raypo.files)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        before = "is unchanged" if path.exists() else "was not written"
+        reason, code = _reason(e)
+        raise ReportWriteError(f"{path}: cannot write: {reason} (the file {before})",
+                               code) from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
     frame = _parquet_safe(frame)
-    atomic_write(path, lambda f: frame.to_parquet(f, index=False), mode="wb")
+    _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: json.dump(payload, f, indent=2, default=str))
+    text = json.dumps(payload, indent=2, default=str)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def check_writable(folder: Path, min_free_mb: float = 1.0) -> None:
+    """Before any work: a file can be written in `folder` (which must exist), and the disk
+    has some room; ReportWriteError otherwise."""
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".raypo.probe.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        free = shutil.disk_usage(folder).free / 2**20
+    except OSError as e:
+        raise ReportWriteError(f"{folder}: cannot write the report there: "
+                               f"{e.strerror or e}", e.errno) from None
+    finally:
+        if probe is not None and os.path.exists(probe):
+            os.unlink(probe)
+    if free < min_free_mb:
+        raise ReportWriteError(f"{folder}: only {free:.2f} MiB free; the report needs "
+                               "room", errno.ENOSPC)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A report's Parquet table (empty if absent); ValueError naming the file if it is not
+    a readable Parquet file."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises its own types for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet table ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); restore or remove it") from None
 
 
 class ReportWriter:
@@ -52,21 +141,24 @@ class ReportWriter:
         self.steps = self._read(self.steps_file)
 
     def _read(self, name: str) -> pd.DataFrame:
-        path = self.directory / name
-        return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+        return read_table(self.directory / name)
 
     def write_trial(self, row: dict, steps: list[dict] = ()) -> None:
+        """Write the row (and its steps); the tables in memory change only once on disk."""
         row = {"search": self.search, **row}
         trial_id = row["trial_id"]
         keep = self.trials[self.trials["trial_id"] != trial_id] if len(self.trials) else None
-        self.trials = pd.concat([keep, pd.DataFrame([row])], ignore_index=True)
-        write_parquet_atomic(self.directory / self.trials_file, self.trials)
+        trials = pd.concat([keep, pd.DataFrame([row])], ignore_index=True)
         if steps:
             rows = pd.DataFrame([{"search": self.search, "trial_id": trial_id, **s}
                                  for s in steps])
             old = self.steps[self.steps["trial_id"] != trial_id] if len(self.steps) else None
-            self.steps = pd.concat([old, rows], ignore_index=True)
-            write_parquet_atomic(self.directory / self.steps_file, self.steps)
+            steps_table = pd.concat([old, rows], ignore_index=True)
+            # steps first: a row in trials.parquet promises its steps are on disk
+            write_parquet_atomic(self.directory / self.steps_file, steps_table)
+            self.steps = steps_table
+        write_parquet_atomic(self.directory / self.trials_file, trials)
+        self.trials = trials
 
     def update_trial(self, trial_id: str, **values) -> None:
         """Set columns of a row already written (a kept model that a better trial replaced
@@ -78,7 +170,7 @@ class ReportWriter:
                 self.trials[column] = None
             self.trials[column] = self.trials[column].astype(object)
             self.trials.loc[self.trials["trial_id"] == trial_id, column] = value
-        write_parquet_atomic(self.directory / "trials.parquet", self.trials)
+        write_parquet_atomic(self.directory / self.trials_file, self.trials)
 
     def write_meta(self, payload: dict) -> None:
         write_json_atomic(self.directory / "search.json", payload)

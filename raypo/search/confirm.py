@@ -153,9 +153,17 @@ def _done_runs(directory: Path) -> pd.DataFrame:
 
 
 def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
-                     address: str | None = None, log=_log) -> dict:
+                     address: str | None = None, log=_log, interrupts=None) -> dict:
     """Plan (or re-read the plan), train the runs that have no row yet, compute the
-    statistics; returns the confirmation's summary (also in search.json)."""
+    statistics; returns the confirmation's summary (also in search.json). Raises
+    Interrupted after SIGINT/SIGTERM (search.json then says the confirmation is incomplete,
+    and how to go on) and ReportWriteError when confirm.parquet cannot be written."""
+    from raypo.search.interrupt import Interrupts
+
+    if interrupts is None:
+        with Interrupts() as own:
+            return run_confirmation(space, directory, settings, address=address, log=log,
+                                    interrupts=own)
     directory = Path(directory)
     trials_path = directory / "trials.parquet"
     if not trials_path.is_file():
@@ -178,7 +186,7 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
     log(f"confirmation: {len(plan.finalists)} finalist(s) against {plan.baseline}, "
         f"{len(plan.seeds)} seeds: {len(plan.runs)} runs, {len(todo)} to train")
     if todo:
-        _train(space, directory, plan, todo, address, log)
+        _train(space, directory, plan, todo, address, log, interrupts)
     rows = _done_runs(directory)
     stats = confirmation_stats(plan, rows)
     write_parquet_atomic(directory / STATS, stats)
@@ -192,16 +200,27 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
         result["resume"] = f"raypo confirm {directory}"
         log(f"confirmation incomplete: {len(missing)} of {len(plan.runs)} runs missing; "
             f"continue with: raypo confirm {directory}")
+    if interrupts.signum is not None:
+        import signal
+
+        result["interrupted_by"] = signal.Signals(interrupts.signum).name
     _record_in_meta(directory, result)
+    if interrupts.signum is not None:
+        from raypo.search.interrupt import Interrupted
+
+        raise Interrupted(interrupts.signum, f"confirmation interrupted by "
+                          f"{result['interrupted_by']}: {len(missing)} of {len(plan.runs)} runs "
+                          f"missing; continue with: raypo confirm {directory}")
     return result
 
 
-def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], address, log
-           ) -> None:
+def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], address, log,
+           interrupts) -> None:
     from ray import tune
 
+    from raypo.reports.writer import ReportWriteError
     from raypo.search.recorder import ConfirmRecorder
-    from raypo.search.run import _resources, _start_ray
+    from raypo.search.run import STORAGE, _resources, _start_ray
     from raypo.search.trial import confirm_trial
 
     _start_ray(space, address)
@@ -217,9 +236,15 @@ def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], ad
                                     max_concurrent_trials=space.settings.budget.concurrency,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                  callbacks=[recorder],
+                                  storage_filesystem=STORAGE, callbacks=[recorder],
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    tuner.fit()
+    with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune stops the runs and returns
+        tuner.fit()
+    if interrupts.failure is not None:  # the recorder could not write confirm.parquet
+        error = interrupts.failure
+        raise ReportWriteError(f"{error}; the confirmation stopped; confirm.parquet holds the "
+                               f"runs recorded before; free space, then continue with: "
+                               f"raypo confirm {directory}", getattr(error, "errno", None))
 
 
 def _by_seed(rows: pd.DataFrame, cid: str, seeds: list[int], metric: str) -> list[float]:

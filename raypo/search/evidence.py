@@ -19,17 +19,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from pydantic import ValidationError
 
 from raypo.data.builtin import preference_pairs
+from raypo.data.checks import drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
-from raypo.losses import TopKLogits
+from raypo.losses import LOSSES, TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
 from raypo.selection.rule import rank_pairs
 from raypo.train.base_model import fit_base_model
-from raypo.train.config import ConfigError, TrainConfig, format_validation_error
+from raypo.train.config import (
+    ConfigError,
+    TrainConfig,
+    format_validation_error,
+    read_yaml_mapping,
+    set_dotted,
+)
 from raypo.train.reference import ReferenceOutputs
 from raypo.train.setup import _reference, _tokenize, resolve_device, task_spec
 
@@ -75,22 +81,10 @@ def metrics_config(path: str | Path | None, *, model: str | None = None,
     source = str(path) if path is not None else "<config>"
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such file")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+        loaded = read_yaml_mapping(path)
         tree = {k: v for k, v in (_fixed(loaded) or {}).items() if k in RELEVANT_KEYS}
     for dotted, value in (overrides or {}).items():
-        node = tree
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(tree, dotted, value)
     if model is not None:
         tree["model"] = model
     if data is not None:
@@ -136,7 +130,7 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
         model_name, data_name = "builtin:tiny", f"builtin:{spec.variant}"
     else:
         # data first: a bad dataset path is reported before a model is downloaded
-        ds = load_preferences(cfg.data)
+        ds = drop_ties(load_preferences(cfg.data), cfg.data)
         tokenizer = load_tokenizer(cfg.model)
         policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
                              lora=cfg.lora, seed=cfg.seed)
@@ -173,17 +167,33 @@ def evidence_metrics(evidence: Evidence) -> tuple[dict, dict]:
     return k_metrics, d_metrics
 
 
-def selection_table(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> pd.DataFrame:
+def selection_table(cfg: TrainConfig, *, max_pairs: int = 512, gamma: float | None = None,
+                    log=print) -> pd.DataFrame:
     """One row per kernel-divergence pair (28), sorted by `predicted_rank` (1 = best): the
     columns of raypo.selection.rule.rank_pairs (kernel, divergence, predicted_rank, score,
-    kernel_* and divergence_* metrics), plus `model`, `data` and `metric_pairs` (how many
-    pairs the metrics saw)."""
+    confidence, kernel_* and divergence_* metrics), plus `model`, `data` and `metric_pairs`
+    (how many pairs the metrics saw). `gamma`: the weight of the kernel margin the search
+    trains with (default: the config's loss's, or the rule's default)."""
     evidence = collect_evidence(cfg, max_pairs=max_pairs, log=log)
-    table = rank_pairs(*evidence_metrics(evidence))
+    if gamma is None:
+        gamma = kernel_weight(cfg.loss.name, cfg.loss.params)
+    table = rank_pairs(*evidence_metrics(evidence), **({} if gamma is None else
+                                                        {"gamma": gamma}))
     table["model"] = evidence.model
     table["data"] = evidence.data
     table["metric_pairs"] = evidence.pairs
     return table
+
+
+def kernel_weight(loss: str, params: dict) -> float | None:
+    """The weight of the kernel margin a loss built with `params` uses, for a loss that
+    declares one (`kernel_weight_param`); None otherwise."""
+    cls = LOSSES.get_class(loss)
+    name = cls.kernel_weight_param
+    if name is None:
+        return None
+    value = params.get(name, LOSSES.parameters(loss).get(name))
+    return float(value) if isinstance(value, int | float) else None
 
 
 def describe(table: pd.DataFrame) -> str:
@@ -196,6 +206,7 @@ def describe(table: pd.DataFrame) -> str:
             "score", ascending=False)
 
     ranking = table[["predicted_rank", "kernel", "divergence", "score"]]
+    confidence = table["confidence"].iloc[0] if "confidence" in table else float("nan")
     head = f"model {table['model'].iloc[0]}, data {table['data'].iloc[0]}"
     if "metric_pairs" in table:
         head += f", {int(table['metric_pairs'].iloc[0])} pairs"
@@ -205,7 +216,9 @@ def describe(table: pd.DataFrame) -> str:
             head,
             "kernel metrics:\n" + block("kernel_", "kernel").to_string(),
             "divergence metrics:\n" + block("divergence_", "divergence").to_string(),
-            "ranking (1 = predicted best):\n" + ranking.to_string(index=False),
+            f"ranking (1 = predicted best; confidence that the top pick beats the 4th: "
+            f"{confidence:.2f}, a prior: docs/selection.md):\n"
+            + ranking.to_string(index=False),
         ])
 
 

@@ -2,13 +2,16 @@
 
 One writer (the driver) owns trials.parquet and steps.parquet, so trials running at once never
 race on a file; each table is rewritten atomically when a trial ends. A trial that ends without
-its final report was stopped by the scheduler (pruned) or died (failed): its row is made from
-its config and its last report. A trial that ends twice (a resumed search re-runs a trial that
-was running when the driver died) replaces its own row: every trial is in the table once.
+its final report was stopped by the scheduler (pruned), died (failed) or was running when a
+signal stopped the search (interrupted): its row is made from its config and its last report.
+A write that fails (a full disk) stops the search like Ctrl-C (raypo.search.interrupt). A
+trial that ends twice (a resumed search re-runs a trial that was running when the driver died)
+replaces its own row: every trial is in the table once.
 
 As a trial ends, the recorder also decides whether its model is kept (`keep:`, through
 raypo.search.keep.ModelKeeper: `model_path` in the row, null for the models pushed out) and
-removes the trial's Tune checkpoints, which only a retry of a running trial needs.
+empties the trial's Tune checkpoints, which only a retry of a running trial needs (an
+interrupted trial keeps them: a resume goes on from them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from ray import tune
 from raypo.losses import LOSSES
 from raypo.reports import ReportWriter
 from raypo.reports.schema import describe, trial_row
+from raypo.reports.writer import ReportWriteError
+from raypo.search import interrupt
 from raypo.search.keep import ModelKeeper, remove_empty_staging
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
@@ -57,6 +62,7 @@ class ReportRecorder(tune.Callback):
         self.echo = echo
         self._writer = None
         self._steps: dict[str, list[dict]] = {}
+        self.write_error: Exception | None = None  # the report could not be written
 
     @property
     def writer(self) -> ReportWriter:
@@ -75,7 +81,7 @@ class ReportRecorder(tune.Callback):
         self._steps = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_steps": {}}
+        return {**self.__dict__, "_writer": None, "_steps": {}, "write_error": None}
 
     # -- Tune's hooks (driver process) ------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -84,21 +90,28 @@ class ReportRecorder(tune.Callback):
                 {k: v for k, v in result.items() if k not in TUNE_KEYS and k != "objective"})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    number=trial_number(trial))
-        remove_checkpoints(trial)
+        row = self.record(trial.trial_id, trial.config, trial.last_result or {},
+                          number=trial_number(trial))
+        self._ended(trial, row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    error=_error_text(trial), number=trial_number(trial))
-        remove_checkpoints(trial)
+        row = self.record(trial.trial_id, trial.config, trial.last_result or {},
+                          error=_error_text(trial), number=trial_number(trial),
+                          status="interrupted" if interrupt.requested() else None)
+        self._ended(trial, row)
+
+    def _ended(self, trial, row: dict) -> None:
+        if row.get("status") != "interrupted" and self.write_error is None:
+            remove_checkpoints(trial)
 
     def on_experiment_end(self, trials, **info) -> None:
         remove_empty_staging(self.directory)
 
     # -- rows ---------------------------------------------------------------------------------
     def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
-               number: int = -1) -> dict:
+               number: int = -1, status: str | None = None) -> dict:
+        """`status` replaces pruned/failed for a trial without its final report
+        (interrupted: a signal stopped the search while it ran)."""
         if FINAL in last and error is None:
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
@@ -106,15 +119,22 @@ class ReportRecorder(tune.Callback):
             metrics = {k: v for k, v in last.items() if k not in TUNE_KEYS}
             row = trial_row(self.space.config(config),
                             {"trial_id": trial_id, **metrics,
-                             "status": "failed" if error else "pruned", "error": error},
-                            searched=config)
+                             "status": status or ("failed" if error else "pruned"),
+                             "error": error}, searched=config)
             # a retried trial reports its steps since the checkpoint again: the last of each
             steps = list({s.get("step"): s for s in self._steps.get(trial_id, [])}.values())
         row = self._complete(row, config, number)
-        evicted = self._keep_model(row)
-        self.writer.write_trial(row, steps)
-        for other in evicted:
-            self.writer.update_trial(other, model_path=None)
+        if self.write_error is not None:  # stopping: a resume runs the trial again
+            return row
+        try:
+            evicted = self._keep_model(row)
+            self.writer.write_trial(row, steps)
+            for other in evicted:
+                self.writer.update_trial(other, model_path=None)
+        except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, tables whole
+            self.write_error = e
+            interrupt.stop_tuning(e)
+            return row
         self._steps.pop(trial_id, None)
         if self.echo:
             self._show(row)
@@ -135,7 +155,11 @@ class ReportRecorder(tune.Callback):
         """The row's `model_path` (its model kept or not); returns the trials whose kept
         models it pushed out."""
         ok = row.get("status") == "ok"
-        changes = self.keeper.offer(row["trial_id"], row["objective"] if ok else None)
+        try:
+            changes = self.keeper.offer(row["trial_id"], row["objective"] if ok else None)
+        except OSError as e:  # a model that cannot be moved: the row still goes in
+            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
+            changes = {row["trial_id"]: None}
         row["model_path"] = changes.pop(row["trial_id"])
         return list(changes)
 
@@ -165,31 +189,6 @@ class ReportRecorder(tune.Callback):
               file=sys.stderr, flush=True)
 
 
-def remove_checkpoints(trial) -> None:
-    """The Tune checkpoints of a trial that ended (only a retry of a running trial reads
-    them), so that a long search does not fill its storage; on any storage Tune writes to.
-
-    The folders stay, empty: Tune saves its experiment state every few seconds, and a driver
-    killed before the next save leaves the trial listed as running; `--resume` then restores
-    it, which needs its checkpoint folder to exist, and an empty one makes the trial start
-    again from step 0 (raypo.search.trial), as it did before trials checkpointed."""
-    import pyarrow.fs
-
-    storage = getattr(trial, "storage", None)
-    if storage is None:
-        return
-    fs, root = storage.storage_filesystem, storage.trial_fs_path
-    try:
-        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        for entry in entries:
-            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
-                    "checkpoint_"):
-                fs.delete_dir_contents(entry.path)
-    except OSError as error:  # the row is written; a checkpoint left behind only costs disk
-        print(f"{trial.trial_id}: could not remove its checkpoints under {root}: {error}",
-              file=sys.stderr)
-
-
 def _error_text(trial) -> str:
     """The last line of the trial's traceback (Tune keeps it in the trial's error file)."""
     path = getattr(trial, "error_file", None)
@@ -213,6 +212,7 @@ class ConfirmRecorder(tune.Callback):
         self.total = total
         self.echo = echo
         self._writer = None
+        self.write_error: ReportWriteError | None = None
 
     @property
     def writer(self) -> ReportWriter:
@@ -230,9 +230,13 @@ class ConfirmRecorder(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial.config["run"], trial.last_result or {}, error=_error_text(trial))
 
-    def record(self, spec: dict, last: dict, error: str | None = None) -> dict:
+    def record(self, spec: dict, last: dict, error: str | None = None) -> dict | None:
+        """The run's row, written; None for a run a signal stopped (no row: `raypo confirm`
+        runs it again) or one the report could not take."""
         from raypo.train.config import TrainConfig
 
+        if FINAL not in last and interrupt.requested():
+            return None
         if FINAL in last and error is None:
             payload = json.loads(last[FINAL])
             row, steps = payload["row"], payload["steps"]
@@ -247,10 +251,42 @@ class ConfirmRecorder(tune.Callback):
         row["objective"] = (float(value) if row.get("status") == "ok"
                             and isinstance(value, int | float) and math.isfinite(value)
                             else None)
-        self.writer.write_trial(row, steps)
+        if self.write_error is not None:
+            return None
+        try:
+            self.writer.write_trial(row, steps)
+        except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, the table whole
+            self.write_error = e
+            interrupt.stop_tuning(e)
+            return None
         if self.echo:
             shown = "" if row["objective"] is None else f" {self.metric} {row['objective']:.4f}"
             print(f"[confirm {len(self.writer.trials)}/{self.total}] {row['trial_id']} "
                   f"({row['role']}, seed {row['seed']}) {row['status']}{shown}",
                   file=sys.stderr, flush=True)
         return row
+
+
+def remove_checkpoints(trial) -> None:
+    """The Tune checkpoints of a trial that ended (only a retry of a running trial reads
+    them), so that a long search does not fill its storage; on any storage Tune writes to.
+
+    The folders stay, empty: Tune saves its experiment state every few seconds, and a driver
+    killed before the next save leaves the trial listed as running; `--resume` then restores
+    it, which needs its checkpoint folder to exist, and an empty one makes the trial start
+    again from step 0 (raypo.search.trial), as it did before trials checkpointed."""
+    import pyarrow.fs
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:
+        return
+    fs, root = storage.storage_filesystem, storage.trial_fs_path
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        for entry in entries:
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
+                    "checkpoint_"):
+                fs.delete_dir_contents(entry.path)
+    except OSError as error:  # the row is written; a checkpoint left behind only costs disk
+        print(f"{trial.trial_id}: could not empty its checkpoints under {root}: {error}",
+              file=sys.stderr)

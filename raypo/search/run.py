@@ -22,19 +22,24 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from raypo.data.cache import cache_root
-from raypo.reports.writer import write_json_atomic, write_parquet_atomic
+from raypo.reports.writer import ReportWriteError, write_json_atomic, write_parquet_atomic
+from raypo.search.checks import check_objectives, check_resources
+from raypo.search.interrupt import Interrupted, Interrupts, resume_command
 from raypo.search.recorder import ReportRecorder
 from raypo.search.space import SearchSpace, SpaceError
+from raypo.search.storage import atomic_filesystem
 from raypo.search.trial import search_trial
 from raypo.train.config import TrainConfig
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+STORAGE = atomic_filesystem()  # Tune's state: a full disk leaves the last whole one
 
 
 def _log(message: str) -> None:
@@ -57,18 +62,26 @@ def cache_key(cfg: TrainConfig) -> str:
         "lora": cfg.lora, "sft_steps": cfg.sft_steps}, sort_keys=True, default=str)
 
 
-def warm_caches(space: SearchSpace, log=_log) -> int:
-    """Compute every cache the trials will read, once, here; returns how many set-ups ran."""
+def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> int:
+    """Compute every cache the trials will read, once, here; returns how many set-ups ran.
+    `reported` gains the metrics the trials will report (raypo.train.reported)."""
+    from raypo.reports.schema import metric_columns
+    from raypo.train.reported import reported_metrics
     from raypo.train.setup import prepare
 
-    configs = {}
+    configs, every = {}, []
     for values in space.representative_values():
         cfg = space.config(values)
         configs.setdefault(cache_key(cfg), cfg)
-    for i, cfg in enumerate(configs.values(), 1):
+        every.append(cfg)
+    setups = {}
+    for i, (key, cfg) in enumerate(configs.items(), 1):
         log(f"shared caches {i}/{len(configs)}: {cfg.loss.name} on "
             f"{cfg.data or 'builtin:' + cfg.task.variant}")
-        prepare(cfg, log=log)
+        setups[key] = prepare(cfg, log=log)
+    if reported is not None:
+        for cfg in {repr(c.loss.model_dump()): c for c in every}.values():
+            reported |= metric_columns(cfg, reported_metrics(setups[cache_key(cfg)], cfg))
     return len(configs)
 
 
@@ -93,10 +106,38 @@ def selection_evidence(space: SearchSpace, directory: Path, log=_log):
 
         cfg = space.config(space.representative_values()[0])
         log("selection metrics: computing on the reference model (no training)")
-        table = selection_table(cfg, max_pairs=space.settings.selection.max_pairs, log=log)
+        table = selection_table(cfg, max_pairs=space.settings.selection.max_pairs,
+                                gamma=space_kernel_weight(space), log=log)
         table.insert(0, "search", space.name)
         write_parquet_atomic(path, table)
     return {(r.kernel, r.divergence): int(r.predicted_rank) for r in table.itertuples()}
+
+
+def space_kernel_weight(space: SearchSpace) -> float | None:
+    """The kernel-margin weight the space's ranked loss trains with: its fixed value, or the
+    middle of its searched range (geometric for a log range), or of its choices."""
+    import math
+    import statistics
+
+    from raypo.losses import LOSSES
+    from raypo.search.evidence import kernel_weight
+
+    ranked = [n for n in space.loss_names if n in LOSSES and LOSSES.get_class(n).selection_params]
+    if not ranked:
+        return None
+    name = LOSSES.get_class(ranked[0]).kernel_weight_param
+    param = space.param_at(("loss", name), ranked[0]) if name else None
+    if param is None:
+        values = next((v for v in space.representative_values()
+                       if space.config(v).loss.name == ranked[0]), {})
+        cfg = space.config(values)
+        return kernel_weight(cfg.loss.name, cfg.loss.params)
+    if param.kind in ("choice", "value"):
+        numbers = [float(c) for c in param.choices if isinstance(c, int | float)]
+        return statistics.median(numbers) if numbers else None
+    if param.log:
+        return math.sqrt(param.low * param.high)
+    return (param.low + param.high) / 2
 
 
 def warm_start_points(space: SearchSpace, ranks: dict) -> list[dict]:
@@ -189,7 +230,10 @@ def _start_ray(space: SearchSpace, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # loopback only: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set by the CLI before Ray
+        # is imported) every Ray server of a local instance listens on 127.0.0.1
         ray.init(address="local", runtime_env=runtime_env, log_to_driver=False,
+                 _node_ip_address="127.0.0.1",
                  resources={"TRAIN_DRIVER": space.settings.budget.concurrency})
 
 
@@ -216,7 +260,9 @@ def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
 
 def shared_work(space: SearchSpace, directory: Path, log=_log) -> dict:
     """Caches, then selection evidence; returns the predicted ranks of the pairs."""
-    warm_caches(space, log=log)
+    reported: set[str] = set()
+    warm_caches(space, log=log, reported=reported)
+    check_objectives(space, reported)  # before any trial: a misspelt metric is an error
     if space.settings.selection.enabled and _ranked_losses(space):
         return selection_evidence(space, directory, log=log)
     return {}
@@ -238,12 +284,21 @@ def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
 def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: str | None
                = None, resume: bool = False, confirm: bool | None = None, log=_log) -> Path:
     """Run (or resume) the search, then its confirmation stage when the space has one (or
-    `confirm` is True; False skips it); returns the report folder."""
+    `confirm` is True; False skips it); returns the report folder. Raises Interrupted after
+    SIGINT/SIGTERM (the unfinished trials recorded as interrupted, search.json incomplete)
+    and ReportWriteError when the report cannot be written (the tables as they were)."""
+    with Interrupts() as interrupts:
+        return _run_search(space, reports=reports, address=address, resume=resume,
+                           confirm=confirm, log=log, interrupts=interrupts)
+
+
+def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, interrupts
+                ) -> Path:
     from ray import tune
 
     directory = (Path(reports) / space.name).resolve()
     tune_dir = directory / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+    if resume and not tune.Tuner.can_restore(str(tune_dir), storage_filesystem=STORAGE):
         raise SpaceError(f"{directory}: no interrupted search to resume there")
     if not resume and (directory / "trials.parquet").exists():
         raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
@@ -254,10 +309,12 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     gpus = space.settings.resources.gpus
     if gpus:
         _start_ray(space, address)
+        _check_cluster(space, address, log)
         ranks = _remote_shared_work(space, directory, log)
     else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
         ranks = shared_work(space, directory, log)
         _start_ray(space, address)
+        _check_cluster(space, address, log)
     import ray
 
     resources = ray.cluster_resources()
@@ -265,7 +322,8 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         raise SpaceError(f"{space.source}: resources.workers > 1 needs a TRAIN_DRIVER "
                          "resource on the cluster (see cluster.yaml)")
     extra = {"address": address or "local", "cluster_resources": resources,
-             "cache": str(cache_root().resolve())}
+             "cache": str(cache_root().resolve()),
+             "resume": resume_command(space, Path(reports), address)}
     write_json_atomic(directory / "search.json", _meta(space, "running", started, extra))
     recorder = ReportRecorder(str(directory), space.name, space, ranks,
                               total=space.settings.budget.trials)
@@ -274,17 +332,36 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         _resources(space))
     if resume:
         log(f"resuming {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
+                                   storage_filesystem=STORAGE)
     else:
         tuner = _tuner(space, trainable, recorder, directory, ranks)
-    results = tuner.fit()
-    _reconcile(results, recorder)
-    # Ctrl-C (Tune saves its state and returns) or the time limit: say so, and how to go on
-    done = len(recorder.writer.trials)
-    status = "finished" if done >= planned_trials(space) else "incomplete"
-    if status == "incomplete":
-        log(f"{done} of {planned_trials(space)} trials ended; continue with --resume")
+    with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
+        results = tuner.fit()
+    # a full disk, a folder gone read-only: the recorder (Tune's copy of it, after a resume)
+    # stopped the fit like Ctrl-C
+    error = interrupts.failure
+    if error is not None:
+        raise ReportWriteError(f"{error}; the search stopped; the tables on disk hold the "
+                               f"{len(recorder.writer.trials)} trials recorded before; free "
+                               f"space, then continue with: {extra['resume']}", error.errno)
+    _reconcile(results, recorder, interrupted=interrupts.signum is not None)
+    # interrupted, or the time limit: say so, and how to go on
+    trials = recorder.writer.trials
+    done = int((trials["status"] != "interrupted").sum()) if len(trials) else 0
+    status = ("finished" if done >= planned_trials(space) and interrupts.signum is None
+              else "incomplete")
+    if interrupts.signum is not None:
+        extra["interrupted_by"] = signal.Signals(interrupts.signum).name
     write_json_atomic(directory / "search.json", _meta(space, status, started, extra))
+    if interrupts.signum is not None:
+        raise Interrupted(interrupts.signum, f"interrupted by {extra['interrupted_by']}: "
+                          f"{done} of {planned_trials(space)} trials ended, "
+                          f"{len(trials) - done} interrupted; {directory}/search.json says "
+                          f"incomplete; continue with: {extra['resume']}")
+    if status == "incomplete":
+        log(f"{done} of {planned_trials(space)} trials ended; continue with: "
+            f"{extra['resume']}")
     settings = space.settings.confirm
     if confirm is None:
         confirm = settings is not None
@@ -292,11 +369,18 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         from raypo.search.confirm import run_confirmation
         from raypo.search.space import Confirm
 
-        run_confirmation(space, directory, settings or Confirm(), address=address, log=log)
+        run_confirmation(space, directory, settings or Confirm(), address=address, log=log,
+                         interrupts=interrupts)
     elif confirm:
         log(f"confirmation not started: the search is incomplete; after --resume, or on what "
             f"finished: raypo confirm {directory}")
     return directory
+
+
+def _check_cluster(space: SearchSpace, address: str | None, log) -> None:
+    import ray
+
+    check_resources(space, ray.cluster_resources(), local=address is None, log=log)
 
 
 def planned_trials(space: SearchSpace) -> int:
@@ -326,14 +410,16 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                                     max_concurrent_trials=budget.concurrency,
                                     time_budget_s=budget.time_limit_s, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
+                                  storage_filesystem=STORAGE,  # whole files or none
                                   callbacks=[recorder],
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   # a retried trial resumes from its latest checkpoint only
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def _reconcile(results, recorder: ReportRecorder) -> None:
-    """Rows for trials that ended while no recorder watched (before a resume)."""
+def _reconcile(results, recorder: ReportRecorder, interrupted: bool = False) -> None:
+    """Rows for trials that ended while no recorder watched (before a resume), and, after an
+    interrupt, for the trials it stopped (status interrupted)."""
     known = set(recorder.writer.trials.get("trial_id", []))
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
@@ -341,5 +427,6 @@ def _reconcile(results, recorder: ReportRecorder) -> None:
             error = str(result.error) if result.error else None
             tag = re.search(rf"{trial_id}_(\d+)", Path(result.path).name if result.path else "")
             recorder.record(trial_id, result.config or {}, result.metrics or {}, error=error,
-                            number=int(tag.group(1)) if tag else -1)
+                            number=int(tag.group(1)) if tag else -1,
+                            status="interrupted" if interrupted else None)
 

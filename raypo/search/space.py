@@ -67,8 +67,8 @@ class Objective(_Strict):
 
 
 class Budget(_Strict):
-    trials: int = Field(12, ge=1)
-    concurrency: int = Field(2, ge=1)  # trials running at once
+    trials: int = Field(12, ge=1, le=1_000_000)
+    concurrency: int = Field(2, ge=1, le=100_000)  # trials running at once
     time_limit_s: float | None = Field(None, gt=0)  # no new trial starts after this
 
 

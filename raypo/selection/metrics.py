@@ -20,6 +20,7 @@ Divergence side, on the reference's response tokens: its top-k next-token distri
     kurtosis    = E[(d - mu)^4] / sigma^4            (Pearson; 3 for a Gaussian)
     tail_mass   = P(|d - median| > 3 * 1.4826 * MAD) (0.0027 for a Gaussian, 0.046 Laplace)
     drift       = JS(mean_t P_t^w, mean_t P_t^l) / log 2   in [0, 1]
+    strength    = mean_{t, T} D(softmax(log Q_t / T) || Q_t), T in {0.8, 1.25} (per divergence)
 where d are the position-aligned chosen-minus-rejected per-token log-probs (see
 `aligned_logratios`) and r_t = 1 - sum_j p_tj the mass outside the top k.
 """
@@ -241,6 +242,28 @@ def _topk_cat(a: TopKLogits, b: TopKLogits) -> TopKLogits:
                       torch.cat([a.log_normalizer, b.log_normalizer]))
 
 
+def penalty_strength(name: str, topk: TopKLogits, temperatures=(0.8, 1.25),
+                     max_positions: int = 4096) -> float:
+    """mean over positions and temperatures T of D(P_T || Q), Q the reference's next-token
+    distribution on its k kept tokens plus a rest bin, P_T = softmax(log Q / T) the same
+    distribution made more (T < 1) or less (T > 1) confident: how hard divergence `name`
+    (built with its defaults) pushes back on the kind of change preference training makes to
+    a token distribution, on this data's distributions.
+
+    Intent: the penalty enters the loss as alpha_div * D; at the same alpha_div a divergence
+    that grows fast with a confidence shift (the KL family where the reference is peaked)
+    holds the policy near the reference, a bounded one barely. Computed with the registry's
+    own divergence on at most `max_positions` positions (the first ones, deterministic)."""
+    logq = _log_probs(topk).reshape(-1, topk.values.shape[-1])[:max_positions]
+    rest = torch.log1p(-logq.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
+    bins = torch.cat([logq, rest], dim=-1).clamp_min(-46.0)
+    bins = bins - bins.logsumexp(-1, keepdim=True)
+    div = DIVERGENCES.create(name)
+    with torch.no_grad():
+        values = [div(bins / t, bins).double().mean() for t in temperatures]
+    return float(torch.stack(values).mean())
+
+
 def divergence_metrics(*, chosen_token_logps: Tensor, chosen_lengths: Tensor,
                        rejected_token_logps: Tensor, rejected_lengths: Tensor,
                        chosen_topk: TopKLogits, rejected_topk: TopKLogits, vocab_size: int,
@@ -266,5 +289,6 @@ def divergence_metrics(*, chosen_token_logps: Tensor, chosen_lengths: Tensor,
     out = {}
     for name in names or divergence_candidates():
         k = DIVERGENCES.get_class(name).support_k()
-        out[name] = {"coverage": float(topk_coverage(both, k).mean()), **shared}
+        out[name] = {"coverage": float(topk_coverage(both, k).mean()), **shared,
+                     "strength": penalty_strength(name, both)}
     return out

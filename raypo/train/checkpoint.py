@@ -20,6 +20,9 @@ def save(directory: str | Path, state: dict) -> Path:
 
 
 def load(directory: str | Path | None) -> dict | None:
+    """The saved state, read with `weights_only=True`: tensors, numbers, strings and their
+    lists, tuples and dicts, never arbitrary objects, so a checkpoint planted on shared
+    storage cannot run code (what `save` stores is only such values)."""
     if directory is None or not (Path(directory) / NAME).is_file():
         return None
-    return torch.load(Path(directory) / NAME, weights_only=False)
+    return torch.load(Path(directory) / NAME, weights_only=True)

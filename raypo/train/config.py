@@ -6,6 +6,7 @@ search space with no ranges is a training config.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raypo.data.builtin import VARIANTS
 from raypo.losses import DEFAULT_LOSS, LOSSES, SCHEDULES
 from raypo.models.encoder import check_available, encoder_name
+from raypo.train import yaml12
 
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
 # search space with every value fixed is a training config.
@@ -27,20 +29,37 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are never what a config means (an infinite lr passes `gt=0`)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Far beyond any run raypo makes, short of absurd (`steps: 1.0e+12` would run for ever).
+MAX_STEPS = 10_000_000
+MAX_PAIRS = 100_000_000
+# A report name is one folder under the reports folder: no separators, no `..`.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with a report name, or None."""
+    if isinstance(name, str) and NAME_PATTERN.match(name) and ".." not in name:
+        return None
+    return (f"expected a plain folder name (letters, digits, '.', '_', '-'; no path "
+            f"separators or '..'), got {name!r}")
 
 
 class TaskConfig(_Strict):
     """The built-in task (used when `data` is absent): see raypo.data.builtin."""
 
     variant: str = "graded"
-    train_pairs: int = Field(2000, ge=8)
-    eval_pairs: int = Field(256, ge=8)
+    train_pairs: int = Field(2000, ge=8, le=MAX_PAIRS)
+    eval_pairs: int = Field(256, ge=8, le=MAX_PAIRS)
     flip: float = Field(0.2, ge=0.0, lt=0.5)
     length_bias: float = Field(1.0, ge=0.0)
     bt_temperature: float = Field(0.0, ge=0.0)
     seed: int = 0
-    base_steps: int = Field(400, ge=1)  # steps fitting the tiny model to the base distribution
+    # steps fitting the tiny model to the base distribution
+    base_steps: int = Field(400, ge=1, le=MAX_STEPS)
 
     @field_validator("variant")
     @classmethod
@@ -96,37 +115,40 @@ class TrainConfig(_Strict):
     task: TaskConfig = TaskConfig()
     loss: LossConfig = LossConfig()
     beta_schedule: ScheduleConfig = ScheduleConfig()
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    grad_accum: int = Field(1, ge=1, le=1_000_000)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0  # training: batch order, initial values of learned loss parts, LoRA, sampling
     # what stays fixed across a confirmation's seeds: the built-in base model's fit, the
     # held-out split of a dataset and the selection metrics' subset
     data_seed: int = 0
-    eval_every: int = Field(50, ge=1)
-    eval_samples: int = Field(128, ge=1)  # built-in task: policy samples scored per evaluation
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS)
+    # built-in task: policy samples scored per evaluation
+    eval_samples: int = Field(128, ge=1, le=1_000_000)
     eval_fraction: float = Field(0.05, gt=0, lt=1)  # own data: held-out share of the pairs
-    max_length: int = Field(512, ge=2)
-    max_prompt_length: int = Field(256, ge=1)
+    max_length: int = Field(512, ge=2, le=10_000_000)
+    max_prompt_length: int = Field(256, ge=1, le=10_000_000)
     truncate_responses: bool = False
-    topk: int = Field(64, ge=1)  # reference logits cached in top-k form for token losses
+    # reference logits cached in top-k form for token losses
+    topk: int = Field(64, ge=1, le=1_000_000)
     # policy | reference | encoder:<sentence-transformers model>, for the kernel losses
     embedding_source: str = "policy"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=10_000)
     use_gpu: bool = False
     # how Ray Train workers share the policy (num_workers > 1): ddp replicates it, fsdp shards
     # parameters, gradients and optimizer state across workers
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end (a search trial: every eval)
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)  # 0: only at the end (a search
+    # trial: every evaluation)
     # own data without a model: steps fitting the tiny model to the data's responses first
     # (raypo.train.base_model); 0 keeps random weights as the start and the reference
-    sft_steps: int = Field(300, ge=0)
+    sft_steps: int = Field(300, ge=0, le=MAX_STEPS)
     lora: dict[str, Any] | None = None
     reports: str = "reports"
 
@@ -144,6 +166,24 @@ class TrainConfig(_Strict):
     @classmethod
     def _task_shorthand(cls, v):
         return {"variant": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_exists(cls, v: str | None) -> str | None:
+        # a path (not a hub name) that is not there: say so now, not after a hub look-up
+        if (v is not None and v.startswith(("/", "./", "../", "~"))
+                and not Path(v).expanduser().is_dir()):
+            raise ValueError(f"{v}: no such folder (a local model is a folder with "
+                             "config.json, as save_pretrained writes)")
+        return v
 
     @field_validator("embedding_source")
     @classmethod
@@ -171,6 +211,17 @@ class TrainConfig(_Strict):
             # the LoRA reference is the policy with adapters off, which would run outside the
             # FSDP wrapper on sharded weights
             raise ValueError("parallel: fsdp does not support lora yet; use parallel: ddp")
+        if self.batch_size % self.num_workers:
+            # each worker takes an equal share of a batch (a worker with none never steps)
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"num_workers ({self.num_workers})")
+        if self.builtin and self.task.train_pairs < self.batch_size:
+            # a batch never fills (batches drop their last partial one): say so before any
+            # model is fitted rather than loop for ever
+            raise ValueError(f"batch_size ({self.batch_size}) is larger than the built-in "
+                             f"task's task.train_pairs ({self.task.train_pairs}); lower "
+                             f"batch_size to at most {self.task.train_pairs} or raise "
+                             "task.train_pairs")
         if "sft_steps" in self.model_fields_set and (self.model is not None or self.builtin):
             raise ValueError("sft_steps fits the tiny built-in model to your data: it needs "
                              "`data` and no `model` (the built-in task has task.base_steps)")
@@ -183,10 +234,17 @@ class TrainConfig(_Strict):
 
 def set_path(tree: dict, path: tuple, value: Any) -> None:
     """`tree[a][b][i] = value` for the path (a, b, i): keys of mappings and indices of lists
-    (ints or digit strings); a `loss: <name>` shorthand becomes a mapping on the way."""
+    (ints or digit strings); a `loss: <name>` shorthand becomes a mapping on the way.
+    ConfigError when a step holds a plain value (`steps.x` with `steps: 300`)."""
+    dotted = ".".join(map(str, path))
+    if not all(str(k).strip() for k in path):
+        raise ConfigError(f"{dotted!r}: expected a key such as loss.beta (no empty parts)")
     node = tree
     for depth, key in enumerate(path[:-1]):
         if isinstance(node, list):
+            if not str(key).isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{dotted}: {key!r} is not an index of the list at "
+                                  f"{'.'.join(map(str, path[:depth]))} ({len(node)} items)")
             node = node[int(key)]
             continue
         child = node.get(key)
@@ -194,6 +252,10 @@ def set_path(tree: dict, path: tuple, value: Any) -> None:
             child = {"name": child} if key != "task" else {"variant": child}
         if isinstance(child, list) and str(path[depth + 1]).isdigit():
             node[key] = child = list(child)
+        elif child is not None and not isinstance(child, dict):
+            where = ".".join(map(str, path[:depth + 1]))
+            raise ConfigError(f"{dotted}: {where} is a value ({child!r}), not a section with "
+                              "keys")
         else:
             node[key] = child = dict(child or {})
         node = child
@@ -210,39 +272,82 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """`key=value` strings (values parsed as YAML scalars: 0.1, true, null, rbf)."""
+    """`key=value` strings (values read as YAML 1.2 scalars, see raypo.train.yaml12: 0.1,
+    1e-1, true, null, rbf, [0.1, 1.0])."""
     out = []
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value, e.g. loss.beta=0.2")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        key = key.strip()
+        if not key or not all(k.strip() for k in key.split(".")):
+            raise ConfigError(f"--set {pair!r}: expected a key such as loss.beta before '='")
+        try:
+            value, problem = yaml12.load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: "
+                              f"{yaml12.one_line(e)}") from None
+        if problem:
+            raise ConfigError(f"--set {key}: {problem.removeprefix(': ')}")
+        out.append((key, value))
     return out
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
+    """One line: the file, then each bad key and what was expected."""
+    problems = []
     for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in e["loc"])  # none: a check of several keys
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        if e["type"] == "finite_number":
+            msg = "expected a finite number"
+        problems.append(f"{where}: {msg}" if where else msg)
+    return f"{source}: " + "; ".join(problems)
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
-    """The mapping a YAML file holds (empty file: {}); `error` names the file otherwise."""
+    """The mapping a YAML file holds (YAML 1.2, see raypo.train.yaml12); `error` names the
+    file otherwise (no file, not UTF-8, not YAML, empty, not a mapping)."""
     source, p = str(path), Path(path)
     if not p.is_file():
         raise error(f"{source}: no such file")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise error(f"{source}: line {line}: not UTF-8 text (byte "
+                    f"0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+    except OSError as e:
+        raise error(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        loaded, problem = yaml12.load(text)
     except yaml.YAMLError as e:
-        raise error(f"{source}: not valid YAML: {e}") from e
-    if loaded is not None and not isinstance(loaded, dict):
-        raise error(f"{source}: expected a mapping of keys at the top level")
-    return dict(loaded or {})
+        raise error(f"{source}: not valid YAML: {yaml12.one_line(e)}") from None
+    if problem:
+        raise error(f"{source}: {problem}")
+    if loaded is None:
+        raise error(f"{source}: the file is empty; expected a mapping of keys (see "
+                    "search_spaces/builtin_dpo.yaml)")
+    if not isinstance(loaded, dict):
+        raise error(f"{source}: expected a mapping of keys at the top level, got "
+                    f"{type(loaded).__name__}")
+    return dict(loaded)
+
+
+def _searched(node, path: str = "") -> str | None:
+    """The dotted key of the first searched value (`{low:, high:}`, `{choice:}`,
+    `{value:, when:}`) in a config tree, or None."""
+    if not isinstance(node, dict):
+        return None
+    if {"low", "high"} <= set(node) or "choice" in node or {"value", "when"} <= set(node):
+        return path or "(top level)"
+    for key, child in node.items():
+        found = _searched(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (),
@@ -257,6 +362,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
     for key, value in parse_overrides(list(overrides)):
         set_dotted(tree, key, value)
     tree.setdefault("name", Path(path).stem if path is not None else "train")
+    searched = _searched(tree)
+    if searched:
+        raise ConfigError(f"{source}: {searched}: a range or choice; `raypo train` needs every "
+                          "value fixed (use `raypo search` for a space)")
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:

@@ -46,6 +46,9 @@ def _batches(setup: Setup, epoch: int, skip: int):
     rank, world = _world()
     sampler = LengthGroupedBatches(setup.train_pairs.lengths(), setup.cfg.batch_size,
                                    seed=setup.cfg.seed, drop_last=True)
+    if len(sampler) == 0:  # the data is checked before this (raypo.data.checks); never spin
+        raise ValueError(f"{len(setup.train_pairs)} training pairs are fewer than "
+                         f"batch_size={setup.cfg.batch_size}: no batch can be drawn")
     while True:
         sampler.set_epoch(epoch)
         for pos, indices in enumerate(sampler):

@@ -14,6 +14,7 @@ import datasets
 import torch
 
 from raypo.data.builtin import TaskSpec, preference_pairs
+from raypo.data.checks import check_split, drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
 from raypo.losses import ModelFacts, Needs, PreferenceLoss, build, needs
@@ -27,7 +28,7 @@ from raypo.models.load import (
     reference_of,
 )
 from raypo.train.base_model import fit_base_model, fit_to_pairs
-from raypo.train.config import TrainConfig
+from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.forward import outputs_for
 from raypo.train.reference import (
     ReferenceOutputs,
@@ -108,7 +109,7 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = _model_step(load_tokenizer, cfg.model)
     spec = None
     if cfg.builtin:
         if cfg.model is not None:
@@ -124,11 +125,16 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         eval_pairs = _tokenize(cfg, preference_pairs(spec, "eval"), tokenizer,
                                f"builtin-{spec.fingerprint()}-eval", f"builtin:{spec.variant}")
     else:
-        ds = load_preferences(cfg.data)
+        # the data first: a dataset too small to batch or to hold out fails before a model
+        # loads (raypo.data.checks)
+        ds = drop_ties(load_preferences(cfg.data), cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
         train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
-        policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
-                             lora=cfg.lora, seed=cfg.seed,
+        check_split(len(train_pairs), len(eval_pairs), batch_size=cfg.batch_size,
+                    eval_fraction=cfg.eval_fraction, source=cfg.data,
+                    prompts=len({tuple(p) for p in pairs.prompt_ids}))
+        policy = _model_step(load_policy, cfg.model, tokenizer=tokenizer, dtype=cfg.dtype,
+                             device=device, lora=cfg.lora, seed=cfg.seed,
                              init_state=_fitted_tiny(cfg, tokenizer, train_pairs, log))
         model_fp = model_fingerprint(cfg.model, policy)
     start = time.perf_counter()
@@ -177,6 +183,17 @@ def _fitted_tiny(cfg: TrainConfig, tokenizer, train_pairs: TokenizedPairs, log):
     # data_seed, as the built-in base model: the reference stays fixed across training seeds
     return fit_to_pairs(train_pairs, tokenizer, steps=cfg.sft_steps, seed=cfg.data_seed,
                         log=log)
+
+
+def _model_step(load, *args, **kwargs):
+    """A model or tokenizer load whose failure is the config's `model` being wrong (a folder
+    that is not a model, a hub name that does not resolve): ConfigError, on one line."""
+    try:
+        return load(*args, **kwargs)
+    except ValueError as e:
+        if "name_or_path=" not in str(e):
+            raise
+        raise ConfigError("model: " + " ".join(str(e).split())) from None
 
 
 def _encoder_embeddings(cfg, splits, tokenizer, device, log) -> tuple[dict, ...] | None:

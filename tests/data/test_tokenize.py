@@ -43,10 +43,12 @@ def test_standard_row_is_bos_prompt_and_response_eos(tmp_path):
     assert pairs.rejected_ids == [[*chars("five"), EOS]]
 
 
-def test_prompt_already_starting_with_bos_gets_no_second_one(tmp_path):
+def test_special_token_spellings_in_text_are_text_not_control_tokens(tmp_path):
+    # text is text (issue 10): a "<bos>" or "<eos>" the data spells is those characters, so
+    # data cannot forge a sequence start or end; raypo adds the one BOS and EOS itself
     pairs = tokenize_pairs(text_data(("<bos>hi", "a", "b<eos>")), TOK, cache_dir=tmp_path)
-    assert pairs.prompt_ids == [[BOS, *chars("hi")]]
-    assert pairs.rejected_ids == [[*chars("b"), EOS]]  # nor a second EOS
+    assert pairs.prompt_ids == [[BOS, *chars("<bos>hi")]]
+    assert pairs.rejected_ids == [[*chars("b<eos>"), EOS]]
 
 
 def test_conversational_row_is_rendered_by_the_chat_template(tmp_path):

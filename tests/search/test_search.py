@@ -44,8 +44,8 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 def test_the_quickstart_search_writes_one_row_per_trial_and_starts_from_the_predicted_best(
         ray_session, tmp_path):
     # the shipped quickstart space itself, with 4 of its 12 trials
-    result = cli("search", SPACES / "quickstart.yaml", "--samples", 4, "--reports",
-                 tmp_path / "reports")
+    result = cli("search", SPACES / "quickstart.yaml", "--samples", 4, "--no-confirm",
+                 "--reports", tmp_path / "reports")
     assert result.exit_code == 0, result.output
     folder = tmp_path / "reports" / "quickstart"
     trials = pd.read_parquet(folder / "trials.parquet")  # plain pandas reads it
@@ -55,7 +55,7 @@ def test_the_quickstart_search_writes_one_row_per_trial_and_starts_from_the_pred
     assert set(trials["status"]) <= {"ok", "pruned"} and "ok" in set(trials["status"]), shown
     assert trials["objective"].between(0, 1).all()  # true reward is a share
     assert trials["objective"].equals(trials["true_reward"])
-    assert trials["beta"].dtype == float and trials["lr"].dtype == float
+    assert trials["kernel_dpo.beta"].dtype == float and trials["lr"].dtype == float
     assert sorted(trials["number"]) == [1, 2, 3, 4]
 
     selection = pd.read_parquet(folder / "selection.parquet")
@@ -79,12 +79,14 @@ def test_the_quickstart_search_writes_one_row_per_trial_and_starts_from_the_pred
         assert sorted(group["step"]) == expected, (trial_id, status, shown)
     meta = json.loads((folder / "search.json").read_text())
     assert meta["status"] == "finished" and meta["objectives"][0]["metric"] == "true_reward"
-    assert meta["params"] == ["loss.kernel", "loss.divergence", "loss.beta", "lr"]
+    assert meta["params"] == ["kernel", "divergence", "kernel_dpo.beta", "lr"]  # = columns
 
     rep = reports.load(folder)
     ok = trials[trials["status"] == "ok"]
     means = ok.groupby(["kernel", "divergence"])["objective"].mean()
-    chosen = json.loads(cli("select", folder, "--json", "--top", "2").output.splitlines()[-1])
+    selected = json.loads(cli("select", folder, "--json", "--top", "2").output.splitlines()[-1])
+    assert selected["single_seed"] is True and selected["confirmation"] is None
+    chosen = selected["pairs"]
     assert (chosen[0]["kernel"], chosen[0]["divergence"]) == means.idxmax()
     assert chosen[0]["objective"] == pytest.approx(means.max())
     assert chosen[0]["trials"] == int(((ok["kernel"] == chosen[0]["kernel"])
@@ -255,11 +257,18 @@ def test_search_cli_errors_for_missing_files_resume_and_samples(tmp_path):
     assert result.exit_code == 2 and "missing.jsonl" in result.output
 
 
-def test_select_needs_a_report_with_kernel_trials(tmp_path):
+def test_select_says_a_ranking_without_confirmation_is_single_seed(tmp_path):
     result = cli("select", tmp_path)
     assert result.exit_code == 2 and "no trials.parquet" in result.output
     writer = reports.ReportWriter(tmp_path / "r", search="r")
-    writer.write_trial({"trial_id": "a", "status": "ok", "objective": 0.5, "loss": "dpo",
+    writer.write_trial({"trial_id": "a", "status": "failed", "objective": None, "loss": "dpo"})
+    result = cli("select", tmp_path / "r")
+    assert result.exit_code == 2 and "no finished trial" in result.output
+    writer.write_trial({"trial_id": "b", "status": "ok", "objective": 0.5, "loss": "dpo",
                         "kernel": None})
     result = cli("select", tmp_path / "r")
-    assert result.exit_code == 2 and "no finished trial of a kernel loss" in result.output
+    assert result.exit_code == 0 and "1. b dpo" in result.output
+    assert "single-seed" in result.output and "raypo confirm" in result.output
+    writer.write_meta({"kind": "search", "status": "incomplete", "resume": "raypo search x"})
+    result = cli("select", tmp_path / "r")
+    assert result.exit_code == 0 and "this search is incomplete" in result.output

@@ -21,6 +21,7 @@ from raypo.selection.metrics import (
     divergence_metrics,
     kernel_metrics,
     kurtosis,
+    penalty_strength,
     tail_mass,
     topk_coverage,
     topk_entropy,
@@ -153,6 +154,21 @@ def test_aligned_logratios_pairs_positions_up_to_the_shorter_response():
         aligned_logratios(chosen, torch.tensor([2, 2]), rejected, torch.tensor([3, 1]))
 
 
+def test_penalty_strength_is_the_divergence_of_a_tempered_reference_by_hand():
+    q = np.array([0.5, 0.3])  # the kept tokens; 0.2 of mass outside them
+    topk = TopKLogits(torch.tensor([np.log(q)]), torch.tensor([[0, 1]]), torch.zeros(1))
+    bins = np.array([0.5, 0.3, 0.2])
+    expected = []
+    for t in (0.8, 1.25):
+        p = bins ** (1 / t) / (bins ** (1 / t)).sum()
+        expected.append(float(np.sum(p * np.log(p / bins))))
+    assert penalty_strength("kl", topk) == pytest.approx(np.mean(expected), rel=1e-6)
+    uniform = TopKLogits(torch.full((1, 3), np.log(0.25)), torch.tensor([[0, 1, 2]]),
+                         torch.zeros(1))  # 4 equal bins: tempering leaves them equal
+    for name in divergence_candidates():
+        assert penalty_strength(name, uniform) == pytest.approx(0.0, abs=1e-6), name
+
+
 def test_divergence_metrics_give_wasserstein_the_coverage_of_its_top_8():
     g = torch.Generator().manual_seed(0)
     vocab, k = 40, 16
@@ -222,7 +238,7 @@ def test_cli_metrics_json_prints_28_rows(builtin_table):
     assert [r["predicted_rank"] for r in rows] == list(range(1, 29))
     assert {"kernel", "divergence", "score", "kernel_accuracy", "divergence_kurtosis"} <= set(
         rows[0])
-    assert "ranking (1 = predicted best)" in result.stdout  # the readable table comes first
+    assert "ranking (1 = predicted best;" in result.stdout  # the readable table comes first
     _, table = builtin_table
     assert [r["kernel"] + "/" + r["divergence"] for r in rows] == list(
         table["kernel"] + "/" + table["divergence"])

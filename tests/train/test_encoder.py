@@ -38,7 +38,7 @@ def test_kernel_dpo_trains_on_encoder_embeddings(encoder_folder):
     setup = prepare(cfg, log=messages.append)
     metrics = train(setup)
     assert metrics["steps"] == 5
-    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["eval_loss"])
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
 
     # what the loss read is the encoder's own output for the decoded texts
     encoder = SentenceTransformer(encoder_folder, device="cpu")
@@ -67,7 +67,7 @@ def test_kernel_dpo_trains_on_encoder_embeddings(encoder_folder):
     assert not any("computing" in m and "encoder" in m for m in messages)
     assert hmk_setup.loss_fn.kernel.mahalanobis.raw_factor.shape == (dim, dim)
     assert dim != hmk_setup.policy.config.hidden_size
-    assert math.isfinite(train(hmk_setup)["loss"])
+    assert math.isfinite(train(hmk_setup)["train_loss"])
 
 
 def test_missing_sentence_transformers_names_the_key_and_the_extra(monkeypatch):

@@ -44,7 +44,7 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
     resumed = train(prepare(load_config(None, [*common, "steps=6"]), log=lambda m: None),
                     checkpoint_dir=ckpt)
     assert resumed["steps"] == 6
-    for key in ("loss", "eval_loss", "pref_accuracy", "beta", "margin_ema"):
+    for key in ("train_loss", "eval_loss", "pref_accuracy", "current_beta", "margin_ema"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
 
 
