@@ -27,7 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from ray import tune
 
 from raypo.models.save import ModelSave
@@ -113,13 +112,15 @@ def _resume(local: Path, log) -> tuple[int | None, list[dict]]:
         return None, []
     try:
         found.to_directory(str(local))
-        state = torch.load(local / checkpoint.NAME, weights_only=True)["state"]
-    except (OSError, RuntimeError, KeyError) as error:  # removed or unreadable: start over
+        saved = checkpoint.load(local)  # weights_only: tensors and numbers only
+    except (OSError, RuntimeError) as error:  # unreadable: start over
         log(f"checkpoint {found.path} cannot be read ({error}); starting from step 0")
+        saved = None
+    if saved is None:  # also an emptied one (the trial had ended, raypo.search.recorder)
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir()
         return None, []
-    return int(state["step"]), list(state["history"])
+    return int(saved["state"]["step"]), list(saved["state"]["history"])
 
 
 class _Reports:
