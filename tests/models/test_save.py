@@ -89,7 +89,7 @@ def _own_data(tmp_path):
     tiny_model(tok, seed=2).save_pretrained(tmp_path / "base")
     rng = random.Random(0)
     with (tmp_path / "pairs.jsonl").open("w") as f:
-        for _ in range(24):
+        for _ in range(40):  # 10 held out: enough for a held-out accuracy
             f.write(json.dumps({k: "".join(rng.choices("abcdefgh", k=rng.randint(2, 12)))
                                 for k in ("prompt", "chosen", "rejected")}) + "\n")
     (tmp_path / "own.yaml").write_text("name: own\n")
