@@ -72,7 +72,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
     cfg = load_space(path).fixed_config()
     result, history = run_trial(cfg, "straight", log=lambda m: None)
     straight = trial_row(cfg, result)  # named as the report names them
-    for key in ("final_loss", "eval_loss", "pref_accuracy", "beta", "margin_ema",
+    for key in ("train_loss", "eval_loss", "pref_accuracy", "current_beta", "margin_ema",
                 "true_reward", "final_steps"):
         assert row[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
     # a difference of two sequence log-probs (~10 each): float noise of 1e-6 shows at 1e-5
