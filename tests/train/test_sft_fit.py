@@ -45,9 +45,9 @@ def test_own_data_without_a_model_fits_the_tiny_model_first_and_caches_it(tmp_pa
     common = [f"data={data}", "steps=1", "batch_size=8", "eval_fraction=0.2", "max_length=96",
               "max_prompt_length=32"]
     first, second, unfitted = [], [], []
-    fitted = prepare(load_config(None, [*common, "sft_steps=100"]), log=first.append)
+    fitted = prepare(load_config(None, [*common, "sft_steps=60"]), log=first.append)
     assert any("fitting the tiny built-in model" in m for m in first), first
-    again = prepare(load_config(None, [*common, "sft_steps=100"]), log=second.append)
+    again = prepare(load_config(None, [*common, "sft_steps=60"]), log=second.append)
     assert any("read from cache" in m for m in second), second
     assert not any("fitting" in m for m in second)
     for a, b in zip(fitted.policy.state_dict().values(), again.policy.state_dict().values(),
