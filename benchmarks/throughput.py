@@ -1,25 +1,43 @@
 """Training throughput: raypo against TRL's DPOTrainer, and raypo's kernel losses against dpo.
 
-Both trainers run in this one process, on the same tiny Llama saved to a local folder, the same
-preference pairs (a JSONL file in TRL's standard format, lengths varied), the same batch size,
-max length, learning rate, number of steps and device, in float32:
+Two workloads, each run by both trainers in this one process, interleaved (raypo, TRL default,
+TRL precompute, in alternating order from one repeat to the next), so that whatever else runs
+on the machine falls on both:
+
+- `tiny`: the tiny built-in Llama (~340k parameters), 512 pairs, 60 steps. Python overhead
+  weighs here as much as the arithmetic; the kernel losses' step times are measured on it.
+- `scale`: a 4-layer, 256-wide Llama (~3.2M parameters, SwiGLU 688), 2000 pairs of varied
+  lengths, one epoch (250 steps of 8), the reference precompute over exactly the pairs trained
+  on. Here the arithmetic dominates and the reference forward weighs what it does for a real
+  model: a third of a training step's work, done once per pair by both trainers (TRL's
+  default runs it live at every step, raypo before training).
+
+Both trainers get the same model saved to a local folder, the same preference pairs (JSONL in
+TRL's standard format), batch size, max length, learning rate, steps and device, in float32:
 
 - raypo, `loss: dpo`, with an empty reference cache (the reference precompute is timed);
 - TRL `DPOTrainer` with its defaults for the reference (a frozen copy run at every step);
 - TRL with `precompute_ref_log_probs=True` (the precompute, done at construction, is timed).
 
+raypo holds out a few pairs for evaluation (`eval_fraction`); on the scale workload its data
+is the 2000 pairs TRL trains on plus 16 held-out ones, whose reference precompute is counted
+against raypo.
+
 Tokens per second = the non-padding tokens of prompt+chosen and prompt+rejected of every pair
 trained on, counted from each trainer's own batches, over the wall time of training plus any
-reference precompute. Then the step time of raypo's kernel_dpo and hmk_dpo (policy embeddings)
-and of kernel_dpo with a divergence penalty, as ratios to dpo's (reference precompute excluded).
+reference precompute. Ratios are paired: raypo's rate over TRL's in the same repeat, then the
+median over repeats with the spread (min-max); the load average (`uptime`) is printed before
+and after each workload. Then the step time of raypo's kernel_dpo and hmk_dpo (policy
+embeddings) and of kernel_dpo with a divergence penalty, as ratios to dpo's.
 
-    python benchmarks/throughput.py [--steps 60] [--batch-size 8] [--pairs 512] [--repeats 1]
-                                    [--threads N] [--device cpu]
+    python benchmarks/throughput.py [--workloads tiny,scale] [--repeats 3] [--threads 1]
+                                    [--steps 60] [--batch-size 8] [--pairs 512]
+                                    [--scale-pairs 2000] [--device cpu]
 
 A short untimed run of each trainer goes first (lazy initialisation). On a machine that other
 processes share, pass `--threads 1`: torch's threads wait for each other at every operation, so
 one that loses its core stalls the rest, and with several threads the timings swing by many
-times; `--repeats 3` reports the median run. The last line says how busy the CPUs were.
+times. The scale workload takes about 10 minutes per repeat on a quiet 2-core machine.
 
 Needs the `bench` extra (`pip install 'raypo[bench]'`, which brings TRL). Nothing is downloaded.
 
@@ -42,7 +60,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -85,6 +102,29 @@ LOSS_CONFIGS = (
 TRL_DEFAULT = "TRL default (live reference model)"
 TRL_PRECOMPUTE = "TRL precompute_ref_log_probs=True"
 TARGETS = {"trl_default": 1.3, "trl_precompute": 1.0, "kernel": 1.15}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and data size: `pairs` trained on for `steps` (None: one epoch)."""
+
+    name: str
+    what: str
+    model: dict  # tiny_model keyword arguments (the tiny Llama's size)
+    pairs: int
+    steps: int | None
+    held_out: int = 0  # extra pairs raypo holds out (TRL trains on exactly `pairs`)
+    kernels: bool = False  # also time the kernel losses against dpo
+
+
+def workloads(args) -> dict[str, Workload]:
+    return {
+        "tiny": Workload("tiny", "the tiny built-in Llama", {}, args.pairs, args.steps,
+                         kernels=True),
+        "scale": Workload("scale", "a 4-layer, 256-wide Llama",
+                          {"hidden_size": 256, "layers": 4, "heads": 4,
+                           "intermediate_size": 688}, args.scale_pairs, None, held_out=16),
+    }
 
 
 @dataclass
@@ -130,16 +170,16 @@ def write_pairs(path: Path, n: int, seed: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def save_model(folder: Path) -> int:
-    """The tiny tokenizer (made to add BOS, as Llama's does) and a fresh tiny Llama, saved to
-    `folder`; returns the parameter count."""
+def save_model(folder: Path, **size) -> int:
+    """The tiny tokenizer (made to add BOS, as Llama's does) and a fresh Llama of `size`
+    (tiny_model's keywords), saved to `folder`; returns the parameter count."""
     tok = tiny_tokenizer()
     bos = tok.convert_tokens_to_ids(BOS)
     # TRL tokenizes with the tokenizer's own special tokens; raypo adds BOS to prompts itself
     # unless it is there already. With BOS added here both produce the same ids.
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)])
-    model = tiny_model(tok)
+    model = tiny_model(tok, **size)
     tok.save_pretrained(folder)
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
@@ -164,7 +204,7 @@ def raypo_cache(root: Path):
 
 
 def raypo_config(args, model_dir: Path, data: Path, steps: int, extra: list[str]):
-    return load_config(None, [
+    return load_config(None, [f"eval_fraction={args.eval_fraction}",
         f"model={model_dir}", f"data={data}", f"steps={steps}", f"batch_size={args.batch_size}",
         f"lr={args.lr}", f"max_length={args.max_length}", f"max_prompt_length={MAX_PROMPT_LENGTH}",
         f"seed={args.seed}", f"device={args.device}", "dtype=float32",
@@ -281,17 +321,166 @@ def median_run(runs: list[Run], key) -> Run:
     return sorted(runs, key=key)[(len(runs) - 1) // 2]
 
 
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """`median [min-max]` of `values`."""
+    return (f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+            if len(values) > 1 else f"{values[0]:{fmt}}")
+
+
+def uptime() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def split_for_trl(args, model_dir: Path, data: Path, out: Path, cache: Path) -> int:
+    """Write to `out` the rows of `data` that raypo trains on (its training split), so that
+    TRL trains on exactly those pairs; returns how many."""
+    from raypo.models.load import load_tokenizer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    with raypo_cache(cache):
+        pairs = tokenize_pairs(load_preferences(data), load_tokenizer(str(model_dir)),
+                               max_length=args.max_length, max_prompt_length=MAX_PROMPT_LENGTH)
+        train_split, _ = pairs.split(args.eval_fraction, seed=args.seed)
+
+    def key(p, c, r):
+        return tuple(p), tuple(c), tuple(r)
+
+    where = {key(*ids): i for i, ids in enumerate(zip(pairs.prompt_ids, pairs.chosen_ids,
+                                                       pairs.rejected_ids, strict=True))}
+    picked = [where[key(*ids)] for ids in zip(train_split.prompt_ids, train_split.chosen_ids,
+                                              train_split.rejected_ids, strict=True)]
+    out.write_text("".join(json.dumps(rows[i]) + "\n" for i in picked))
+    return len(picked)
+
+
+def run_workload(work: Workload, args, trl, root: Path) -> dict:
+    """Every repeat of `work`, printed; returns {name: (ratio, target)} for the summary."""
+    root = Path(tempfile.mkdtemp(dir=root, prefix=f"{work.name}-"))
+    model_dir, data, cache = root / "model", root / "pairs.jsonl", root / "raypo-cache"
+    cache.mkdir()
+    n_params = save_model(model_dir, **work.model)
+    total = work.pairs + work.held_out
+    wargs = argparse.Namespace(**vars(args))
+    wargs.eval_fraction = work.held_out / total if work.held_out else 0.05
+    write_pairs(data, total, args.seed)
+    trl_data = data
+    if work.held_out:
+        trl_data = root / "trained.jsonl"
+        trained = split_for_trl(wargs, model_dir, data, trl_data, cache)
+        assert trained == work.pairs, (trained, work.pairs)
+    steps = work.steps or work.pairs // args.batch_size
+    load_before, cpu_before, begin = uptime(), time.process_time(), time.perf_counter()
+    print(f"\n== workload {work.name}: {work.what} ({n_params:,} parameters, character-level "
+          f"tokenizer), {work.pairs} pairs trained on (prompt {PROMPT_CHARS[0]}-"
+          f"{PROMPT_CHARS[1]}, responses {RESPONSE_CHARS[0]}-{RESPONSE_CHARS[1]} tokens), "
+          f"{steps} steps x batch {args.batch_size}"
+          f"{' (one epoch)' if work.steps is None else ''}, max_length {args.max_length}, "
+          f"lr {args.lr}, float32, {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} repeat(s); {load_before}", flush=True)
+
+    def trl_run(label: str, n_steps: int, precompute: bool) -> tuple[Run, object]:
+        # a fresh datasets cache each time: TRL keeps precomputed log-probs there, and a
+        # warm cache would skip the precompute that is being timed
+        dataset = datasets.load_dataset(
+            "json", data_files=str(trl_data), split="train",
+            cache_dir=tempfile.mkdtemp(dir=root, prefix="hf-datasets-"))
+        return run_trl(label, wargs, model_dir, dataset,
+                       Path(tempfile.mkdtemp(dir=root, prefix="trl-")), n_steps, precompute)
+
+    # warm-up: one short run of each trainer, untimed, so that the first timed run does not
+    # pay for lazy initialisation (imports, kernel selection, allocator) that later runs skip
+    run_raypo("warm-up", wargs, model_dir, data, cache, args.warmup, ["loss.name=dpo"])
+    _, trainer = trl_run("warm-up", args.warmup, False)
+    ids_match = same_token_ids(trainer, wargs, model_dir, trl_data, cache)
+    del trainer
+
+    configs = LOSS_CONFIGS if work.kernels else LOSS_CONFIGS[:1]
+    runs: dict[str, list[Run]] = {}
+    for repeat in range(args.repeats):
+        trainers = [("raypo", None), (TRL_DEFAULT, False), (TRL_PRECOMPUTE, True)]
+        if repeat % 2:  # alternate who goes first: a load that drifts falls on both
+            trainers.reverse()
+        for label, precompute in trainers:
+            if label != "raypo":
+                runs.setdefault(label, []).append(trl_run(label, steps, precompute)[0])
+                continue
+            for name, extra in configs:
+                runs.setdefault(name, []).append(
+                    run_raypo(name, wargs, model_dir, data, cache, steps, extra))
+        print(f"  repeat {repeat + 1}/{args.repeats}: raypo {runs['dpo'][-1].tokens_per_s:.0f}"
+              f" tokens/s, TRL default {runs[TRL_DEFAULT][-1].tokens_per_s:.0f}, TRL "
+              f"precompute {runs[TRL_PRECOMPUTE][-1].tokens_per_s:.0f}; {uptime()}",
+              flush=True)
+
+    print(f"token ids: {'identical' if ids_match else 'DIFFERENT'} in raypo and TRL "
+          f"(all {work.pairs} pairs compared)")
+    raypo, trl_default, trl_pre = runs["dpo"], runs[TRL_DEFAULT], runs[TRL_PRECOMPUTE]
+    print(f"{'configuration':<38}{'pairs':>7}{'tokens':>9}{'seconds':>22}{'ref s':>8}"
+          f"{'tokens/s':>22}")
+    for label, rs in (("raypo dpo", raypo), (TRL_DEFAULT, trl_default),
+                      (TRL_PRECOMPUTE, trl_pre)):
+        print(f"{label:<38}{rs[0].pairs:>7}{rs[0].tokens:>9}"
+              f"{spread([r.seconds for r in rs], '.1f'):>22}"
+              f"{statistics.median(r.reference_seconds for r in rs):>8.1f}"
+              f"{spread([r.tokens_per_s for r in rs], '.0f'):>22}")
+    paired = {name: [a.tokens_per_s / b.tokens_per_s for a, b in zip(raypo, other, strict=True)]
+              for name, other in (("TRL default", trl_default), ("TRL precompute", trl_pre))}
+    for name, ratios in paired.items():
+        print(f"raypo / {name} tokens/s, paired by repeat: "
+              f"{' '.join(f'{r:.2f}' for r in ratios)} -> median {spread(ratios)}")
+    warm = statistics.median(r.mean_step for r in raypo)
+    print(f"raypo reference precompute (cold, {work.pairs + work.held_out} pairs, both splits):"
+          f" {statistics.median(r.reference_seconds for r in raypo):.1f} s = "
+          f"{statistics.median(r.reference_seconds for r in raypo) / warm:.1f} dpo steps")
+    out = {f"{work.name}: raypo tokens/s vs TRL default":
+           (statistics.median(paired["TRL default"]), TARGETS["trl_default"], True),
+           f"{work.name}: vs TRL precompute":
+           (statistics.median(paired["TRL precompute"]), TARGETS["trl_precompute"], True)}
+    if work.kernels:
+        out.update(kernel_steps(runs, args.steps))
+    wall = time.perf_counter() - begin
+    busy = (time.process_time() - cpu_before) / wall
+    print(f"workload {work.name}: {wall:.0f} s, this process busy on {busy:.2f} of "
+          f"{os.cpu_count()} CPUs on average; before: {load_before}; after: {uptime()}")
+    return out
+
+
+def kernel_steps(runs: dict[str, list[Run]], steps: int) -> dict:
+    """The kernel losses' step time against dpo's (reference precompute excluded)."""
+    med = {label: median_run(runs[label], key=lambda run: run.mean_step)
+           for label, _ in LOSS_CONFIGS}
+    base = med["dpo"]
+    print(f"\nraypo step time, reference precompute excluded: mean over the {steps} steps, "
+          f"and the median step beside")
+    print(f"{'loss':<38}{'ms/step':>9}{'x dpo':>8}{'median ms':>11}{'x dpo':>8}")
+    for label, run in med.items():
+        median = statistics.median(run.step_times)
+        print(f"{label:<38}{run.mean_step * 1e3:>9.2f}{run.mean_step / base.mean_step:>7.2f}x"
+              f"{median * 1e3:>11.2f}{median / statistics.median(base.step_times):>7.2f}x")
+    kernel, hmk = (med[label] for label, _ in LOSS_CONFIGS[1:3])
+    return {"tiny: kernel_dpo step vs dpo": (kernel.mean_step / base.mean_step,
+                                             TARGETS["kernel"], False),
+            "tiny: hmk_dpo step vs dpo": (hmk.mean_step / base.mean_step, TARGETS["kernel"],
+                                          False)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--workloads", default="tiny,scale",
+                    help="comma-separated: tiny (Python overhead weighs), scale (arithmetic "
+                         "dominates, as for a real model)")
+    ap.add_argument("--steps", type=int, default=60, help="tiny workload's steps")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--pairs", type=int, default=512, help="tiny workload's pairs")
+    ap.add_argument("--scale-pairs", type=int, default=2000,
+                    help="scale workload's pairs trained on (one epoch)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=5,
                     help="untimed steps of raypo and of TRL run first (lazy initialisation)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run every configuration this many times and report the median run")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="run every configuration this many times; ratios are medians")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's own, one per core); 1 gives steadier "
                          "timings on a machine that other processes share")
@@ -303,109 +492,25 @@ def main() -> None:
     if RESPONSE_CHARS[1] + PROMPT_CHARS[1] + 2 > args.max_length:
         ap.error(f"--max-length must be at least {RESPONSE_CHARS[1] + PROMPT_CHARS[1] + 2}, so "
                  "that no pair is truncated (the trainers truncate differently)")
-    begin = time.perf_counter()
-    load_before, cpu_before = os.getloadavg()[0], time.process_time()
+    known = workloads(args)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not chosen or set(chosen) - set(known):
+        ap.error(f"--workloads: expected some of {', '.join(known)}")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     # TRL 1.16 calls transformers APIs that transformers 5 renamed; the notices are not ours
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # raypo's held-out split is small on purpose (TRL trains on every pair): not a finding
+    warnings.filterwarnings("ignore", message=".*held-out split has only")
     torch.manual_seed(args.seed)
     trl = _trl()
-
+    print(f"raypo vs TRL {trl.__version__} DPOTrainer, torch {torch.__version__}; {uptime()}")
+    targets = {}
     with tempfile.TemporaryDirectory(prefix="raypo-throughput-") as tmp:
-        root = Path(tmp)
-        model_dir, data, cache = root / "model", root / "pairs.jsonl", root / "raypo-cache"
-        cache.mkdir()
-        n_params = save_model(model_dir)
-        write_pairs(data, args.pairs, args.seed)
-        print(f"raypo vs TRL {trl.__version__} DPOTrainer: tiny Llama ({n_params:,} parameters, "
-              f"character-level tokenizer), {args.pairs} pairs (prompt {PROMPT_CHARS[0]}-"
-              f"{PROMPT_CHARS[1]}, responses {RESPONSE_CHARS[0]}-{RESPONSE_CHARS[1]} tokens), "
-              f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, "
-              f"lr {args.lr}, float32, {args.device}, torch {torch.__version__} with "
-              f"{torch.get_num_threads()} threads, {args.repeats} repeat(s)", flush=True)
-
-        def trl_run(label: str, steps: int, precompute: bool) -> tuple[Run, object]:
-            # a fresh datasets cache each time: TRL keeps precomputed log-probs there, and a
-            # warm cache would skip the precompute that is being timed
-            dataset = datasets.load_dataset(
-                "json", data_files=str(data), split="train",
-                cache_dir=tempfile.mkdtemp(dir=root, prefix="hf-datasets-"))
-            return run_trl(label, args, model_dir, dataset,
-                           Path(tempfile.mkdtemp(dir=root, prefix="trl-")), steps, precompute)
-
-        # warm-up: one short run of each trainer, untimed, so that the first timed run does not
-        # pay for lazy initialisation (imports, kernel selection, allocator) that later runs skip
-        run_raypo("warm-up", args, model_dir, data, cache, args.warmup, ["loss.name=dpo"])
-        _, trainer = trl_run("warm-up", args.warmup, False)
-        ids_match = same_token_ids(trainer, args, model_dir, data, cache)
-        del trainer
-
-        # the configurations alternate between the trainers, so that a change in what else
-        # runs on the machine does not fall on one of them only
-        runs: dict[str, list[Run]] = {}
-        for _ in range(args.repeats):
-            for label, extra in LOSS_CONFIGS:
-                run = run_raypo(label, args, model_dir, data, cache, args.steps, extra)
-                runs.setdefault(label, []).append(run)
-                if label == "dpo":
-                    runs.setdefault(TRL_DEFAULT, []).append(
-                        trl_run(TRL_DEFAULT, args.steps, False)[0])
-                    runs.setdefault(TRL_PRECOMPUTE, []).append(
-                        trl_run(TRL_PRECOMPUTE, args.steps, True)[0])
-
-    print(f"token ids: {'identical' if ids_match else 'DIFFERENT'} in raypo and TRL "
-          f"(all {args.pairs} pairs compared)")
-    print("tokens: non-padding tokens of prompt+chosen and prompt+rejected of every pair trained "
-          "on, counted from each trainer's own batches; seconds: wall time of training plus "
-          "reference precompute (ref s, an empty cache for each run); evaluation and set-up "
-          "excluded\n")
-    by_rate = {label: median_run(r, key=lambda run: run.tokens_per_s) for label, r in runs.items()}
-    raypo, trl_default, trl_pre = by_rate["dpo"], by_rate[TRL_DEFAULT], by_rate[TRL_PRECOMPUTE]
-    print(f"{'configuration':<38}{'pairs':>7}{'tokens':>9}{'seconds':>9}{'ref s':>8}"
-          f"{'tokens/s':>10}{'pairs/s':>9}{'raypo/this':>12}")
-    # what a later run reading the reference cache would do (a search's second trial): the same
-    # run with its precompute left out; shown for context, the targets use the cold numbers
-    warm = dataclasses.replace(raypo, seconds=raypo.seconds - raypo.reference_seconds,
-                               reference_seconds=0.0)
-    for label, run in (("raypo dpo", raypo), (TRL_DEFAULT, trl_default),
-                       (TRL_PRECOMPUTE, trl_pre), ("(raypo dpo, precompute left out)", warm)):
-        ratio = f"{raypo.tokens_per_s / run.tokens_per_s:>11.2f}x" if run is not warm else ""
-        print(f"{label:<38}{run.pairs:>7}{run.tokens:>9}{run.seconds:>9.2f}"
-              f"{run.reference_seconds:>8.2f}{run.tokens_per_s:>10.0f}{run.pairs_per_s:>9.1f}"
-              f"{ratio}")
-
-    steps = {label: median_run(runs[label], key=lambda run: run.mean_step)
-             for label, _ in LOSS_CONFIGS}
-    base = steps["dpo"]
-    print(f"\nraypo step time, reference precompute excluded: mean over the {args.steps} steps, "
-          f"and the median step beside")
-    print(f"{'loss':<38}{'ms/step':>9}{'x dpo':>8}{'median ms':>11}{'x dpo':>8}")
-    for label, run in steps.items():
-        median = statistics.median(run.step_times)
-        print(f"{label:<38}{run.mean_step * 1e3:>9.2f}{run.mean_step / base.mean_step:>7.2f}x"
-              f"{median * 1e3:>11.2f}{median / statistics.median(base.step_times):>7.2f}x")
-
-    # a ratio inside one run: steadier than tokens/s when other processes share the CPUs
-    print(f"\nraypo reference precompute (cold, {args.pairs} pairs, both splits): "
-          f"{raypo.reference_seconds:.2f} s = {raypo.reference_seconds / base.mean_step:.1f} dpo "
-          f"steps of batch {args.batch_size}")
-    kernel, hmk = (steps[label] for label, _ in LOSS_CONFIGS[1:3])
-    targets = [
-        ("raypo tokens/s vs TRL default", raypo.tokens_per_s / trl_default.tokens_per_s,
-         TARGETS["trl_default"], True),
-        ("vs TRL precompute", raypo.tokens_per_s / trl_pre.tokens_per_s,
-         TARGETS["trl_precompute"], True),
-        ("kernel_dpo step vs dpo", kernel.mean_step / base.mean_step, TARGETS["kernel"], False),
-        ("hmk_dpo step vs dpo", hmk.mean_step / base.mean_step, TARGETS["kernel"], False),
-    ]
-    print("\ntargets: " + "; ".join(f"{name} {verdict(*rest)}" for name, *rest in targets))
-    wall = time.perf_counter() - begin
-    busy = (time.process_time() - cpu_before) / wall
-    # how much of the machine this run had: other processes on the same CPUs slow both
-    # trainers, but not necessarily evenly, so the ratios are noisier when they ran
-    print(f"total time: {wall:.0f} s, this process busy on {busy:.2f} of {os.cpu_count()} CPUs "
-          f"on average; 1-minute load average before the run {load_before:.2f}")
+        for name in chosen:
+            targets.update(run_workload(known[name], args, trl, Path(tmp)))
+    print("\ntargets (median of paired ratios): " + "; ".join(
+        f"{name} {verdict(*result)}" for name, result in targets.items()))
 
 
 if __name__ == "__main__":

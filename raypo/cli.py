@@ -1,4 +1,4 @@
-"""The `raypo` command line: search, select, report, metrics and train."""
+"""The `raypo` command line: search, select, report, metrics, train and export."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="override: key=value")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="final metrics as JSON")] = False,
     name: Annotated[str | None, typer.Option(help="report name (default: config's)")] = None,
+    save: Annotated[Path | None, typer.Option(help="write the trained policy here: a Hugging "
+                                              "Face folder (LoRA: the adapter) + raypo.json")]
+    = None,
+    merge: Annotated[bool, typer.Option(help="with --save and LoRA: merged weights, not the "
+                                        "adapter")] = False,
 ) -> None:
     """Train one DPO variant; write a one-trial report under reports/<name>/."""
     from raypo.data.errors import DataError
@@ -54,11 +59,12 @@ def train(
         _fail(str(e))
     if name:
         cfg = cfg.model_copy(update={"name": name})
+    model_save = _model_save(save, merge, cfg, lambda msg: typer.echo(msg, err=True))
     out = Path(cfg.reports) / cfg.name
     try:
         with Interrupts(), ReportLock(out, "train"):
             writer = train_folder(out, cfg.name)  # before training: a report it may write
-            row, history = _train_run(cfg)
+            row, history = _train_run(cfg, model_save)
             writer.write_trial(row, history)
             writer.write_meta({"kind": "train", "config": cfg.model_dump(mode="json")})
     except (DataError, ConfigError, LockedError, ReportFolderError, ReportWriteError) as e:
@@ -76,9 +82,29 @@ def train(
         typer.echo(json.dumps({k: row.get(k) for k in keys if k in row}))
 
 
-def _train_run(cfg):
+def _model_save(save: Path | None, merge: bool, cfg, log):
+    """The --save target, checked before training (a refused folder costs no training)."""
+    from raypo.models.save import ModelSave, SaveError
+
+    if save is None:
+        if merge:
+            _fail("--merge: only with --save DIR")
+        return None
+    if merge and cfg.lora is None:
+        log("--merge: no LoRA adapters in this config; the full model is saved")
+    target = ModelSave(save, merge=merge,
+                       meta={"report": str((Path(cfg.reports) / cfg.name).resolve()),
+                             "trial_id": "train"})
+    try:
+        target.check()
+    except SaveError as e:
+        _fail(f"--save {e}")
+    return target
+
+
+def _train_run(cfg, model_save=None):
     """The run itself, with a progress bar on stderr (made at the first step, so that an
-    error before training shows alone)."""
+    error before training shows alone); `model_save` writes the trained policy."""
     from tqdm import tqdm
 
     from raypo.train.run import run_trial
@@ -104,8 +130,12 @@ def _train_run(cfg):
     from raypo.reports.schema import trial_row
 
     try:
-        result, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress)
-        return trial_row(cfg, result), history
+        result, history = run_trial(cfg, "train", log=log, on_eval=on_eval, progress=progress,
+                                    save=model_save)
+        row = trial_row(cfg, result)
+        if model_save is not None and row["status"] == "ok":
+            row["model_path"] = str(model_save.directory)  # what `raypo export` copies
+        return row, history
     finally:
         for bar in bars:
             bar.close()
@@ -354,6 +384,30 @@ def report_command(
         typer.echo(str(write_html(loaded, target)))
     except OSError as e:  # a read-only folder, a full disk: nothing half-written
         _fail(f"{target}: cannot write: {e.strerror or e}")
+
+
+@app.command("export")
+def export_command(
+    report: Annotated[Path, typer.Argument(help="a report folder: reports/<name>")],
+    out: Annotated[Path, typer.Argument(help="the folder to write the model to")],
+    trial: Annotated[str | None, typer.Option(help="trial id (default: the best trial)")]
+    = None,
+    rebuild: Annotated[bool, typer.Option(help="re-train the trial's config if its model was "
+                                          "not kept")] = False,
+    merge: Annotated[bool, typer.Option(help="a LoRA adapter comes out merged")] = False,
+) -> None:
+    """Copy a kept model of a report (or rebuild one) into a Hugging Face folder."""
+    from raypo.data.errors import DataError
+    from raypo.models.save import SaveError
+    from raypo.search.export import export_model
+    from raypo.train.config import ConfigError
+
+    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    try:
+        path = export_model(report, out, trial, rebuild=rebuild, merge=merge, log=log)
+    except (ConfigError, SaveError, DataError) as e:  # ExportError is a ConfigError
+        _fail(str(e))
+    typer.echo(str(path))
 
 
 @app.command("metrics")

@@ -21,15 +21,14 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from raypo.files import atomic_write
 from raypo.reports.schema import NOT_PARAMETERS, is_parameter
 from raypo.reports.status import incomplete_note
 from raypo.reports.tables import Report
@@ -576,16 +575,5 @@ def write_html(report: Report, out_path: str | Path) -> Path:
     """Render and write atomically (temporary file in the same folder, then rename)."""
     out_path = Path(out_path)
     page = render_html(report)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a page to share: mkstemp's 0600 is too private
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out_path, lambda f: f.write(page))  # with the user's umask: shared pages
     return out_path

@@ -7,7 +7,9 @@ Columns of a row, by kind:
 
 - bookkeeping: `search`, `trial_id`, `number` (creation order), `status` (ok, failed, pruned,
   interrupted), `error`, `objective`, `predicted_rank`, `searched` (JSON of the trial's
-  searched values, by parameter name); confirmation rows add `config_id` and `role`.
+  searched values, by parameter name), `model_path` (the kept model's folder, relative to the
+  report; null when not kept), `resumed_from_step` (where a retried trial went on from);
+  confirmation rows add `config_id` and `role`.
 - identity, the short columns users query, each with one meaning in every row: `loss` (its
   registry name), `family`, and the parts a loss declares in its `identity()`: `kernel` and
   `divergence` (the kernel and the token-level divergence penalty of a kernel loss: empty
@@ -32,7 +34,8 @@ from typing import Any
 from raypo.losses import LOSSES, identity
 
 BOOKKEEPING = ("search", "trial_id", "number", "status", "error", "objective",
-               "predicted_rank", "searched", "config_id", "role")
+               "predicted_rank", "searched", "config_id", "role", "model_path",
+               "resumed_from_step")
 IDENTITY = ("loss", "family", "kernel", "divergence", "prior", "terms")
 RUN = ("lr", "batch_size", "grad_accum", "steps", "warmup_steps", "weight_decay", "seed",
        "data_seed", "model", "data")
@@ -108,7 +111,8 @@ def config_columns(cfg) -> dict[str, Any]:
     return row
 
 
-_OWN = {"trial_id", "status", "error", "objective", "number", "predicted_rank"}
+_OWN = {"trial_id", "status", "error", "objective", "number", "predicted_rank",
+        "resumed_from_step"}
 
 
 def _taken(columns) -> set[str]:

@@ -1,5 +1,7 @@
 """Atomic Parquet writers: a table is rewritten whole to a temporary file in the same folder
-and renamed over the old one, so a reader (or a killed writer) never sees half a table."""
+and renamed over the old one, so a reader (or a killed writer) never sees half a table. Files
+get the mode the user's umask gives a new file (raypo.files), so a report folder can be
+shared."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from raypo.files import share_as_new
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -60,9 +64,7 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:  # on disk before the rename: a crash leaves old or new
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # tables to share: mkstemp's 0600 is too private
+        share_as_new(tmp)  # tables to share: mkstemp's 0600 is too private (raypo.files)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -157,6 +159,18 @@ class ReportWriter:
             self.steps = steps_table
         write_parquet_atomic(self.directory / self.trials_file, trials)
         self.trials = trials
+
+    def update_trial(self, trial_id: str, **values) -> None:
+        """Set columns of a row already written (a kept model that a better trial replaced
+        gets `model_path` null)."""
+        if not len(self.trials) or not (self.trials["trial_id"] == trial_id).any():
+            return
+        for column, value in values.items():
+            if column not in self.trials:
+                self.trials[column] = None
+            self.trials[column] = self.trials[column].astype(object)
+            self.trials.loc[self.trials["trial_id"] == trial_id, column] = value
+        write_parquet_atomic(self.directory / self.trials_file, self.trials)
 
     def write_meta(self, payload: dict) -> None:
         write_json_atomic(self.directory / "search.json", payload)

@@ -7,6 +7,11 @@ signal stopped the search (interrupted): its row is made from its config and its
 A write that fails (a full disk) stops the search like Ctrl-C (raypo.search.interrupt). A
 trial that ends twice (a resumed search re-runs a trial that was running when the driver died)
 replaces its own row: every trial is in the table once.
+
+As a trial ends, the recorder also decides whether its model is kept (`keep:`, through
+raypo.search.keep.ModelKeeper: `model_path` in the row, null for the models pushed out) and
+empties the trial's Tune checkpoints, which only a retry of a running trial needs (an
+interrupted trial keeps them: a resume goes on from them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from raypo.reports import ReportWriter
 from raypo.reports.schema import describe, trial_row
 from raypo.reports.writer import ReportWriteError
 from raypo.search import interrupt
+from raypo.search.keep import ModelKeeper, remove_empty_staging
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 
@@ -64,6 +70,12 @@ class ReportRecorder(tune.Callback):
             self._writer = ReportWriter(Path(self.directory), search=self.search)
         return self._writer
 
+    @property
+    def keeper(self) -> ModelKeeper:
+        objective = self.space.objectives[0]
+        return ModelKeeper(self.directory, best=self.space.settings.keep.count,
+                           mode=objective.mode, metric=objective.metric)
+
     def setup(self, **info) -> None:
         self._writer = None  # re-read the tables: after a resume they are newer than us
         self._steps = {}
@@ -78,13 +90,22 @@ class ReportRecorder(tune.Callback):
                 {k: v for k, v in result.items() if k not in TUNE_KEYS and k != "objective"})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    number=trial_number(trial))
+        row = self.record(trial.trial_id, trial.config, trial.last_result or {},
+                          number=trial_number(trial))
+        self._ended(trial, row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.record(trial.trial_id, trial.config, trial.last_result or {},
-                    error=_error_text(trial), number=trial_number(trial),
-                    status="interrupted" if interrupt.requested() else None)
+        row = self.record(trial.trial_id, trial.config, trial.last_result or {},
+                          error=_error_text(trial), number=trial_number(trial),
+                          status="interrupted" if interrupt.requested() else None)
+        self._ended(trial, row)
+
+    def _ended(self, trial, row: dict) -> None:
+        if row.get("status") != "interrupted" and self.write_error is None:
+            remove_checkpoints(trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        remove_empty_staging(self.directory)
 
     # -- rows ---------------------------------------------------------------------------------
     def record(self, trial_id: str, config: dict, last: dict, error: str | None = None,
@@ -100,12 +121,16 @@ class ReportRecorder(tune.Callback):
                             {"trial_id": trial_id, **metrics,
                              "status": status or ("failed" if error else "pruned"),
                              "error": error}, searched=config)
-            steps = self._steps.get(trial_id, [])
+            # a retried trial reports its steps since the checkpoint again: the last of each
+            steps = list({s.get("step"): s for s in self._steps.get(trial_id, [])}.values())
         row = self._complete(row, config, number)
         if self.write_error is not None:  # stopping: a resume runs the trial again
             return row
         try:
+            evicted = self._keep_model(row)
             self.writer.write_trial(row, steps)
+            for other in evicted:
+                self.writer.update_trial(other, model_path=None)
         except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, tables whole
             self.write_error = e
             interrupt.stop_tuning(e)
@@ -125,6 +150,18 @@ class ReportRecorder(tune.Callback):
         row["predicted_rank"] = self.predicted_rank(row)
         row.setdefault("error", None)
         return row
+
+    def _keep_model(self, row: dict) -> list[str]:
+        """The row's `model_path` (its model kept or not); returns the trials whose kept
+        models it pushed out."""
+        ok = row.get("status") == "ok"
+        try:
+            changes = self.keeper.offer(row["trial_id"], row["objective"] if ok else None)
+        except OSError as e:  # a model that cannot be moved: the row still goes in
+            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
+            changes = {row["trial_id"]: None}
+        row["model_path"] = changes.pop(row["trial_id"])
+        return list(changes)
 
     def predicted_rank(self, row: dict) -> float | None:
         """The selection rule's rank of the row's (kernel, divergence), for a loss whose pair
@@ -146,7 +183,9 @@ class ReportRecorder(tune.Callback):
                     f"({ok.loc[i, 'trial_id']}: {describe(ok.loc[i])})")
         value = "" if row["objective"] is None else f" {objective.metric} {row['objective']:.4f}"
         error = f" ({row['error'].splitlines()[0][:80]})" if row.get("error") else ""
-        print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{best}",
+        kept = f" [model kept: {row['model_path']}]" if row.get("model_path") else ""
+        print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{kept}"
+              f"{best}",
               file=sys.stderr, flush=True)
 
 
@@ -226,3 +265,28 @@ class ConfirmRecorder(tune.Callback):
                   f"({row['role']}, seed {row['seed']}) {row['status']}{shown}",
                   file=sys.stderr, flush=True)
         return row
+
+
+def remove_checkpoints(trial) -> None:
+    """The Tune checkpoints of a trial that ended (only a retry of a running trial reads
+    them), so that a long search does not fill its storage; on any storage Tune writes to.
+
+    The folders stay, empty: Tune saves its experiment state every few seconds, and a driver
+    killed before the next save leaves the trial listed as running; `--resume` then restores
+    it, which needs its checkpoint folder to exist, and an empty one makes the trial start
+    again from step 0 (raypo.search.trial), as it did before trials checkpointed."""
+    import pyarrow.fs
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:
+        return
+    fs, root = storage.storage_filesystem, storage.trial_fs_path
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        for entry in entries:
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
+                    "checkpoint_"):
+                fs.delete_dir_contents(entry.path)
+    except OSError as error:  # the row is written; a checkpoint left behind only costs disk
+        print(f"{trial.trial_id}: could not empty its checkpoints under {root}: {error}",
+              file=sys.stderr)

@@ -59,7 +59,7 @@ def cache_key(cfg: TrainConfig) -> str:
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
         "reads": sorted(declared.fields), "live": declared.full_reference_logits,
         "fitted": declared.fitted_embeddings, "embedding_source": cfg.embedding_source,
-        "lora": cfg.lora}, sort_keys=True, default=str)
+        "lora": cfg.lora, "sft_steps": cfg.sft_steps}, sort_keys=True, default=str)
 
 
 def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> int:
@@ -327,8 +327,9 @@ def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, i
     write_json_atomic(directory / "search.json", _meta(space, "running", started, extra))
     recorder = ReportRecorder(str(directory), space.name, space, ranks,
                               total=space.settings.budget.trials)
-    trainable = tune.with_resources(tune.with_parameters(search_trial, space=space),
-                                    _resources(space))
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trial, space=space, report_dir=str(directory)),
+        _resources(space))
     if resume:
         log(f"resuming {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
@@ -411,7 +412,9 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
         run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
                                   storage_filesystem=STORAGE,  # whole files or none
                                   callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=1)))
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  # a retried trial resumes from its latest checkpoint only
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _reconcile(results, recorder: ReportRecorder, interrupted: bool = False) -> None:

@@ -24,7 +24,7 @@ mixture's `terms`), each term's values are searched like any other
 (`terms: [{name: dpo, weight: {low: 0, high: 1}}]` -> `mixture.dpo.weight`).
 
 Search sections: `objective` (or `objectives`, two for a Pareto search), `budget`,
-`scheduler`, `resources`, `sampler`, `selection`, `confirm`; see the models below.
+`scheduler`, `resources`, `sampler`, `selection`, `confirm`, `keep`; see the models below.
 """
 
 from __future__ import annotations
@@ -104,6 +104,23 @@ class Selection(_Strict):
     max_pairs: int = Field(512, ge=8)  # pairs the metrics are computed on
 
 
+class Keep(_Strict):
+    """The trained models a search keeps under reports/<name>/models/<trial_id>/ (see
+    raypo.search.keep): the `best` best finished trials by the first objective, `all` of
+    them, or 0 for none."""
+
+    best: int | Literal["all"] = 1
+
+    @model_validator(mode="after")
+    def _count(self) -> Keep:
+        if self.best != "all" and self.best < 0:
+            raise ValueError("best: expected a number of trials >= 0, or all")
+        return self
+
+    @property
+    def count(self) -> int | None:
+        """How many to keep; None for all."""
+        return None if self.best == "all" else self.best
 class Confirm(_Strict):
     """The confirmation stage (raypo.search.confirm): the best `top` configurations of the
     search and, for each, a `baseline` that differs only in the loss, trained under the same
@@ -148,11 +165,14 @@ class SearchSettings(_Strict):
     resources: Resources = Resources()
     sampler: Sampler = Sampler()
     selection: Selection = Selection()
+    keep: Keep = Keep()
     confirm: Confirm | None = None  # run the confirmation stage after the search
 
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("keep"), int | str):
+            data = {**data, "keep": {"best": data["keep"]}}  # keep: 2, keep: all
         if isinstance(data, dict) and isinstance(data.get("scheduler"), str):
             data = {**data, "scheduler": {"name": data["scheduler"]}}
         if isinstance(data, dict) and isinstance(data.get("objective"), str):

@@ -21,7 +21,7 @@ from raypo.train import yaml12
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
 # search space with every value fixed is a training config.
 SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
-                   "selection", "confirm")
+                   "selection", "confirm", "keep")
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,7 @@ class _Strict(BaseModel):
 
 # Far beyond any run raypo makes, short of absurd (`steps: 1.0e+12` would run for ever).
 MAX_STEPS = 10_000_000
+SFT_STEPS = 300  # own data, no model: the tiny model's fit before DPO
 MAX_PAIRS = 100_000_000
 # A report name is one folder under the reports folder: no separators, no `..`.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -144,7 +145,11 @@ class TrainConfig(_Strict):
     # how Ray Train workers share the policy (num_workers > 1): ddp replicates it, fsdp shards
     # parameters, gradients and optimizer state across workers
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)  # 0: only at the end
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS)  # 0: only at the end (a search
+    # trial: every evaluation)
+    # own data without a model: steps fitting the tiny model to the data's responses first
+    # (raypo.train.base_model); 0 keeps random weights as the start and the reference
+    sft_steps: int = Field(SFT_STEPS, ge=0, le=MAX_STEPS)
     lora: dict[str, Any] | None = None
     reports: str = "reports"
 
@@ -218,6 +223,10 @@ class TrainConfig(_Strict):
                              f"task's task.train_pairs ({self.task.train_pairs}); lower "
                              f"batch_size to at most {self.task.train_pairs} or raise "
                              "task.train_pairs")
+        # (not "was it given": a dumped and re-read config gives every key)
+        if self.sft_steps != SFT_STEPS and (self.model is not None or self.builtin):
+            raise ValueError("sft_steps fits the tiny built-in model to your data: it needs "
+                             "`data` and no `model` (the built-in task has task.base_steps)")
         return self
 
     @property

@@ -28,12 +28,12 @@ from raypo.data.cache import cache_root
 from raypo.train import checkpoint
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
-from raypo.train.parallel import fsdp_kwargs, wrap_fsdp
+from raypo.train.parallel import fsdp_kwargs, full_params, wrap_fsdp
 from raypo.train.setup import prepare
 
 
 def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | None = None,
-                      on_eval=None, log=print, callbacks=()) -> dict:
+                      on_eval=None, log=print, callbacks=(), save=None) -> dict:
     """Train on `cfg.num_workers` Ray Train workers; returns rank 0's final metrics.
 
     `cfg.batch_size` is the global batch. The Train run is named after `trial_name` and kept
@@ -41,6 +41,8 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
     resumes from the run's last checkpoint. `on_eval(step, metrics)` is called for every
     evaluation, including those before a resume, once the run has ended: the workers report
     live only through `callbacks` (Train `UserCallback`s, run by the Train controller).
+    `save` (a raypo.models.save.ModelSave): rank 0 writes the trained policy into its staging
+    folder, which must be on a file system the worker sees (the driver's node, or shared).
     """
     if cfg.batch_size % cfg.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch: it must be "
@@ -52,7 +54,9 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
         storage = str(Path(storage).resolve())
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg, "cache": cache},
+        train_loop_config={"cfg": cfg, "cache": cache,
+                           "save_to": save and str(save.staging()),
+                           "merge": bool(save and save.merge)},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                use_gpu=cfg.use_gpu),
@@ -64,6 +68,8 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
     result = trainer.fit()  # raises TrainingFailedError when a worker fails
     out = result.return_value  # rank 0's
     metrics, history = dict(out["metrics"]), out["history"]
+    if save is not None:
+        save.weights_written(out["saved"])
     for row in history if on_eval else ():
         on_eval(row["step"], row)
     resumed = f", resumed from step {out['resumed_from']}" if out["resumed_from"] else ""
@@ -97,10 +103,25 @@ def _worker(config: dict) -> dict:
         final = agree(final)
         final["tokens_per_s"] = final["tokens"] / max(final["train_seconds"], 1e-9)
         ray.train.report(final, checkpoint=reporter.checkpoint(force=True))
+        saved = _save(setup, wrapped, config, rank)
         return {"metrics": final, "history": history, "resumed_from": resumed_from,
-                "wrapper": type(wrapped).__name__}
+                "wrapper": type(wrapped).__name__, "saved": saved}
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _save(setup, wrapped, config: dict, rank: int) -> str | None:
+    """Rank 0 writes the trained policy (whole: FSDP gathers it on every rank) where the
+    driver asked; returns the format written."""
+    if not config["save_to"]:
+        return None
+    from raypo.models.save import write_weights
+
+    with full_params(wrapped):
+        if rank != 0:
+            return None
+        return write_weights(setup.policy, setup.tokenizer, config["save_to"],
+                             merge=config["merge"], base=config["cfg"].model)
 
 
 def _wrap(policy: nn.Module, cfg: TrainConfig, device) -> nn.Module:

@@ -28,10 +28,11 @@ def objective_of(metrics: dict, builtin: bool) -> float | None:
 
 
 def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print,
-              on_eval=None, progress=None) -> tuple[dict, list[dict]]:
+              on_eval=None, progress=None, save=None) -> tuple[dict, list[dict]]:
     """(result, step rows): the result holds trial_id, status, error, objective and the final
     metrics. A failing run is recorded (status failed, the error) rather than raised, so a
-    search goes on."""
+    search goes on. `save` (a raypo.models.save.ModelSave): where the trained policy is
+    written, with the result in its raypo.json, if the run finishes."""
     start = time.perf_counter()
     row = {"trial_id": trial_id}
     history: list[dict] = []
@@ -46,12 +47,15 @@ def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print
         if cfg.num_workers > 1:  # Ray Train workers; checkpoints live in the Train run
             from raypo.train.distributed import train_distributed  # ray only when needed
 
-            metrics = train_distributed(cfg, trial_name=trial_id, on_eval=keep, log=log)
+            metrics = train_distributed(cfg, trial_name=trial_id, on_eval=keep, log=log,
+                                        save=save)
         else:
             setup = prepare(cfg, log=log)
             device = setup.device
             metrics = train(setup, checkpoint_dir=checkpoint_dir, on_eval=keep,
                             progress=progress)
+            if save is not None:
+                save.write_weights(setup.policy, setup.tokenizer, cfg)
         row.update(status="ok", error=None, objective=objective_of(metrics, cfg.builtin))
         # a metric named like a bookkeeping column must not overwrite it
         row.update({f"final_{k}" if k in row else k: v for k, v in metrics.items()})
@@ -61,4 +65,6 @@ def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print
         log(traceback.format_exc())
         row.update(status="failed", error=f"{type(error).__name__}: {error}", objective=None)
     row.update(wall_s=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
+    if save is not None and save.finish(cfg, row) is not None:
+        log(f"model: {save.directory}")
     return row, history

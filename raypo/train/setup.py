@@ -27,7 +27,7 @@ from raypo.models.load import (
     model_fingerprint,
     reference_of,
 )
-from raypo.train.base_model import fit_base_model
+from raypo.train.base_model import fit_base_model, fit_to_pairs
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.forward import outputs_for
 from raypo.train.reference import (
@@ -134,7 +134,8 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
                     eval_fraction=cfg.eval_fraction, source=cfg.data,
                     prompts=len({tuple(p) for p in pairs.prompt_ids}))
         policy = _model_step(load_policy, cfg.model, tokenizer=tokenizer, dtype=cfg.dtype,
-                             device=device, lora=cfg.lora, seed=cfg.seed)
+                             device=device, lora=cfg.lora, seed=cfg.seed,
+                             init_state=_fitted_tiny(cfg, tokenizer, train_pairs, log))
         model_fp = model_fingerprint(cfg.model, policy)
     start = time.perf_counter()
     encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
@@ -167,6 +168,21 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
                  ref_eval=ref_eval, device=device, task=spec, reference_model=reference_model,
                  live_reference_logits=live_reference,
                  model_fingerprint=model_fp, reference_seconds=reference_seconds)
+
+
+def _fitted_tiny(cfg: TrainConfig, tokenizer, train_pairs: TokenizedPairs, log):
+    """Own data and no model: the tiny model fitted to the training responses (cached), or
+    None (a model was given; or sft_steps: 0, random weights, with a warning)."""
+    if cfg.model is not None:
+        return None
+    if cfg.sft_steps == 0:
+        log("warning: sft_steps: 0: the tiny model starts from random weights and is its own "
+            "reference, so KL, implicit rewards and the selection metrics say little about "
+            "your data; sft_steps > 0 fits it to the data's responses first")
+        return None
+    # data_seed, as the built-in base model: the reference stays fixed across training seeds
+    return fit_to_pairs(train_pairs, tokenizer, steps=cfg.sft_steps, seed=cfg.data_seed,
+                        log=log)
 
 
 def _model_step(load, *args, **kwargs):

@@ -187,7 +187,7 @@ def test_pairs_whose_chosen_equals_rejected_are_left_out_with_one_warning(tmp_pa
     rows[7]["rejected"] = rows[7]["chosen"]
     path = _jsonl(tmp_path / "ties.jsonl", rows)
     assert len(load_preferences(path)) == 40  # the loader is faithful; training leaves out
-    cfg = load_config(None, [f"data={path}", "eval_fraction=0.25", "batch_size=4",
+    cfg = load_config(None, [f"data={path}", "eval_fraction=0.25", "batch_size=4", "sft_steps=0",
                              "max_length=32", "max_prompt_length=16"])
     with pytest.warns(DataWarning) as caught:
         setup = train_setup.prepare(cfg, log=lambda m: None)
@@ -199,8 +199,8 @@ def test_pairs_whose_chosen_equals_rejected_are_left_out_with_one_warning(tmp_pa
 
 def test_a_small_held_out_split_is_trained_on_with_its_size_said(tmp_path):
     path = _jsonl(tmp_path / "forty.jsonl", _rows(40))
-    cfg = load_config(None, [f"data={path}", "eval_fraction=0.25", "batch_size=4", "steps=1",
-                             "eval_every=1", "max_length=32", "max_prompt_length=16"])
+    cfg = load_config(None, [f"data={path}", "eval_fraction=0.25", "batch_size=4", "sft_steps=0",
+                             "steps=1", "eval_every=1", "max_length=32", "max_prompt_length=16"])
     with pytest.warns(DataWarning, match="held-out split has only 10 pairs"):
         setup = train_setup.prepare(cfg, log=lambda m: None)
     assert (len(setup.train_pairs), len(setup.eval_pairs)) == (30, 10)

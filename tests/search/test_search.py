@@ -128,6 +128,11 @@ def test_a_trial_with_two_workers_trains_under_ray_train_inside_the_search(ray_s
     assert any(row.trial_id in run.name for run in train_runs)  # a TorchTrainer ran it
     # the evaluations of the Train run reach the report too
     assert sorted(rep.steps["step"]) == [4, 8]
+    # rank 0 wrote the trained policy, the driver kept it (keep: best 1 by default)
+    assert row.model_path == f"models/{row.trial_id}"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "reports" / "workers" / row.model_path)
 
 
 def _free_port() -> int:
