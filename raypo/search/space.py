@@ -602,9 +602,9 @@ def _split_by_loss(params: list[Param], fixed: dict, where: str) -> list[Param]:
         term = _term_name(fixed, p.path, where)
         if term is not None and loss_param is not None:
             raise SpaceError(f"{where}: {p.dotted}: a value inside the loss's terms can be "
-                             "searched when the loss itself is fixed (loss: {name: mixture, "
-                             "terms: [...]}); with the loss searched, give the terms as "
-                             "{value: [...], when: {name: mixture}}")
+                             "searched only when the loss itself is fixed (loss: {name: <a "
+                             "loss with terms>, terms: [...]}); with the loss searched, give "
+                             "the terms as fixed values: {value: [...], when: {name: ...}}")
         on_loss = [c for c in p.when if c.path == LOSS_NAME]
         others = [c for c in p.when if c.path != LOSS_NAME]
         if loss_param is None:  # a fixed loss: its conditions stay as they are

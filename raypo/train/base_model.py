@@ -84,8 +84,8 @@ def fit_to_pairs(pairs, tokenizer, steps: int, seed: int = 0, batch_size: int = 
     model = tiny_model(tokenizer, seed=seed)
     with torch.random.fork_rng():  # the run's own random stream is not consumed here
         loss = fit_responses(model, encoded, tokenizer.pad_token_id, steps=steps, seed=seed,
-                             batch_size=batch_size, lr=lr, log=log, what="sft")
-    say(f"sft: done, loss {loss:.3f} nats per response token; cached as {path.name}")
+                             batch_size=batch_size, lr=lr, log=log, what="fit to the data")
+    say(f"fit to the data: done, loss {loss:.3f} nats per response token; cached as {path.name}")
     atomic_torch_save(model.state_dict(), path)
     return model.state_dict()
 

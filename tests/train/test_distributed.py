@@ -17,7 +17,7 @@ from raypo.train.setup import prepare
 
 SMALL = ["task.train_pairs=64", "task.eval_pairs=16", "task.base_steps=50", "batch_size=8",
          "eval_samples=8", "eval_every=2", "loss=dpo"]
-COMPARED = ("loss", "eval_loss", "pref_accuracy")
+COMPARED = ("train_loss", "eval_loss", "pref_accuracy")
 
 
 def quiet(message):
