@@ -271,6 +271,7 @@ def select(
         if confirmed else None,
         "verdict": rep.verdict if confirmed else
         "single-seed ranking: no confirmation has run (raypo confirm REPORT)",
+        "model_path": _chosen_model(rep, best),
     }
     if as_json:
         typer.echo(json.dumps(out))
@@ -292,6 +293,7 @@ def select(
                 f"{r.diff_mean:+.4f} (95% CI {r.diff_ci_low:+.4f} to {r.diff_ci_high:+.4f}), "
                 f"Holm p {r.p_holm:.3g}, d_z {r.effect_size:.2f}")
         typer.echo(f"verdict: {rep.verdict}")
+        _echo_model(report, out["model_path"], "the best finalist's best seed")
         return
     if not pairs.empty:
         typer.echo(f"{len(rep.pairs())} kernel-divergence pairs tried:")
@@ -307,6 +309,23 @@ def select(
     typer.echo("this ranking is single-seed: each trial ran once, across different settings, "
                "so its order may be seed noise; `raypo confirm REPORT` (or `confirm:` in the "
                "space) tests the best against dpo over several seeds")
+    _echo_model(report, out["model_path"], "the best trial")
+
+
+def _chosen_model(rep, best) -> str | None:
+    """The kept model of what `select` recommends: the confirmation's (its best finalist's
+    best seed) or, without one, the best trial's; a path relative to the report folder."""
+    confirmation = rep.meta.get("confirmation") or {}
+    if confirmation:
+        return confirmation.get("model_path")
+    path = best.iloc[0].get("model_path") if len(best) else None
+    return path if isinstance(path, str) and path else None
+
+
+def _echo_model(report: Path, path: str | None, what: str) -> None:
+    if path:
+        typer.echo(f"model ({what}): {report / path}; copy it out with: raypo export {report} "
+                   "DIR")
 
 
 @app.command()

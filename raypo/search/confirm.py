@@ -15,6 +15,10 @@ correction across the finalists and the effect size; confirm_stats.parquet holds
 search.json the verdict:
 "<finalist> beats <baseline> by ... (95% CI ..., Holm p ..., N seeds)", or
 "no finalist beats <baseline> beyond seed noise (N seeds)".
+
+With `keep:` (default 1), the model of the recommended finalist's best seed stays under
+`models/<run_id>/` (`best_finalist`: the verdict's winner, else the best mean), so the answer
+ends with a model to load (`raypo export REPORT DIR`).
 """
 
 from __future__ import annotations
@@ -147,6 +151,17 @@ def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Pl
     return plan
 
 
+def run_config(directory: Path, run_id: str) -> TrainConfig | None:
+    """The training config of confirmation run `run_id` (seed included), from the plan."""
+    path = Path(directory) / PLAN
+    if not path.is_file():
+        return None
+    for run in json.loads(path.read_text()).get("runs", []):
+        if run["run_id"] == run_id:
+            return TrainConfig.model_validate(run["config"])
+    return None
+
+
 def _done_runs(directory: Path) -> pd.DataFrame:
     return read_table(directory / RUNS)
 
@@ -195,6 +210,8 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
               "top": len(plan.finalists), "baseline": plan.baseline, "metric": plan.metric,
               "runs": len(plan.runs), "missing_runs": len(missing),
               "verdict": verdict(stats, plan)}
+    if not missing and space.settings.keep.count != 0:
+        result.update(_keep_best_finalist(space, directory, plan, stats, log))
     if missing:
         result["resume"] = f"raypo confirm {directory}"
         log(f"confirmation incomplete: {len(missing)} of {len(plan.runs)} runs missing; "
@@ -223,8 +240,12 @@ def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], ad
     from raypo.search.trial import confirm_trial
 
     _start_ray(space, address)
-    recorder = ConfirmRecorder(str(directory), space.name, plan.metric, total=len(plan.runs))
-    trainable = tune.with_resources(confirm_trial, _resources(space))
+    keep = space.settings.keep.count
+    recorder = ConfirmRecorder(str(directory), space.name, plan.metric, total=len(plan.runs),
+                               mode=plan.mode, keep=keep)
+    trainable = tune.with_resources(
+        tune.with_parameters(confirm_trial, report_dir=str(directory) if keep != 0 else None),
+        _resources(space))
     # each attempt its own experiment: what a killed attempt finished is in confirm.parquet,
     # and the next attempt runs only the rest
     storage = directory / "confirm_tune"
@@ -281,6 +302,49 @@ def confirmation_stats(plan: Plan, rows: pd.DataFrame) -> pd.DataFrame:
     return stats
 
 
+def best_finalist(stats: pd.DataFrame, mode: str) -> pd.Series | None:
+    """The finalist the confirmation recommends: of those that beat the baseline, the one
+    with the largest paired difference; when none does, the best mean objective (None when
+    no finalist has one)."""
+    if stats.empty:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    winners = stats[stats["beats_baseline"]]
+    key = sign * (winners["diff_mean"] if not winners.empty else stats["mean"])
+    key = pd.to_numeric(key, errors="coerce").dropna()
+    return None if key.empty else stats.loc[key.idxmax()]
+
+
+def _keep_best_finalist(space: SearchSpace, directory: Path, plan: Plan, stats: pd.DataFrame,
+                        log) -> dict:
+    """The confirmation's model: the best finalist's best seed stays in models/ (with
+    `keep: all`, every finalist's every seed); the other finalists' models go, and
+    confirm.parquet's `model_path` says which is kept."""
+    from raypo.reports.writer import ReportWriter
+    from raypo.search.keep import ModelKeeper
+    from raypo.search.recorder import confirm_group
+
+    best = best_finalist(stats, plan.mode)
+    writer = ReportWriter(directory, search=space.name, table="confirm")
+    kept: dict[str, float] = {}
+    for f in plan.finalists:
+        keeper = ModelKeeper(directory, best=space.settings.keep.count, mode=plan.mode,
+                             metric=plan.metric, group=confirm_group(f["config_id"]))
+        if best is not None and f["config_id"] == best["config_id"]:
+            kept, best_keeper = keeper.kept(), keeper
+        elif space.settings.keep.count is not None:
+            for run_id in keeper.drop_all():
+                writer.update_trial(run_id, model_path=None)
+    if best is None or not kept:
+        return {"model_path": None}
+    sign = 1.0 if plan.mode == "max" else -1.0
+    run_id = max(kept, key=lambda k: sign * kept[k])
+    path = best_keeper.relative(run_id)
+    log(f"confirmation: the model of {best['label']}'s best seed ({run_id}, {plan.metric} "
+        f"{kept[run_id]:.4f}) is kept: {directory / path}")
+    return {"model_path": path, "model_run": run_id}
+
+
 def verdict(stats: pd.DataFrame, plan: Plan) -> str:
     """The one line `raypo select` prints (module docstring)."""
     n = len(plan.seeds)
@@ -290,8 +354,7 @@ def verdict(stats: pd.DataFrame, plan: Plan) -> str:
     if winners.empty:
         seeds = int(stats["n"].min()) if stats["n"].notna().all() else n
         return f"no finalist beats {plan.baseline} beyond seed noise ({seeds} seeds)"
-    sign = 1.0 if plan.mode == "max" else -1.0
-    best = winners.loc[(sign * winners["diff_mean"]).idxmax()]
+    best = best_finalist(stats, plan.mode)
     direction = "higher" if plan.mode == "max" else "lower"
     return (f"{best['label']} beats {plan.baseline} by {abs(best['diff_mean']):.4g} "
             f"{plan.metric} ({direction}; 95% CI {best['diff_ci_low']:+.4g} to "

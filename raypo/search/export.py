@@ -56,17 +56,25 @@ def export_model(report: str | Path, target: str | Path, trial_id: str | None = 
 
 
 def _trial(rep, trial_id: str | None):
-    trials = rep.trials
+    """The row of `trial_id` among the search's trials or the confirmation's runs; by
+    default the confirmation's kept model (the best finalist's best seed), else the best
+    trial."""
+    trials, runs = rep.trials, rep.confirm
     if trial_id is None:
-        try:
-            return rep.best()
-        except ValueError:
-            raise ExportError(f"{rep.path}: no finished trial to export") from None
-    match = trials[trials["trial_id"] == trial_id] if len(trials) else trials
-    if match.empty:
-        known = ", ".join(map(str, trials.get("trial_id", [])))
-        raise ExportError(f"{rep.path}: no trial {trial_id!r}; its trials are: {known}")
-    return match.iloc[0]
+        trial_id = (rep.meta.get("confirmation") or {}).get("model_run")
+        if trial_id is None:
+            try:
+                return rep.best()
+            except ValueError:
+                raise ExportError(f"{rep.path}: no finished trial to export") from None
+    for table in (trials, runs):
+        match = table[table["trial_id"] == trial_id] if len(table) else table
+        if not match.empty:
+            return match.iloc[0]
+    known = ", ".join(map(str, trials.get("trial_id", [])))
+    also = (f"; its confirmation runs: {', '.join(map(str, runs['trial_id']))}"
+            if len(runs) else "")
+    raise ExportError(f"{rep.path}: no trial {trial_id!r}; its trials are: {known}{also}")
 
 
 def _not_kept(report: Path, rep, row) -> str:
@@ -81,6 +89,10 @@ def _not_kept(report: Path, rep, row) -> str:
                 f"to keep one); {how}")
     if status == "failed":
         return f"{report}: trial {trial_id} failed ({row.get('error')}): it has no model"
+    if isinstance(row.get("role"), str):
+        return (f"{report}: confirmation run {trial_id}'s model was not kept: the confirmation "
+                "keeps only its best finalist's best seed (and none of a baseline's). To get "
+                f"it, {how}")
     why = (f"it was stopped early (pruned at step {row.get('final_step', row.get('step'))}), "
            "so a rebuild trains it to the end" if status == "pruned"
            else f"the search keeps the best {keep} (keep: {{best: {keep}}} in the space)")
@@ -124,6 +136,14 @@ def trial_config(report: Path, rep, row):
     meta = rep.meta
     if meta.get("kind") == "train":
         return TrainConfig.model_validate(meta["config"])
+    if isinstance(row.get("role"), str):  # a confirmation run: its config is in the plan
+        from raypo.search.confirm import run_config
+
+        cfg = run_config(report, str(row["trial_id"]))
+        if cfg is None:
+            raise ExportError(f"{report}: confirmation run {row['trial_id']} is not in "
+                              "confirm_plan.json")
+        return cfg
     if "space" not in meta or not isinstance(row.get("searched"), str):
         raise ExportError(f"{report}: the settings of trial {row['trial_id']} are not in the "
                           "report (search.json's space and the row's `searched` values)")

@@ -104,6 +104,13 @@ class ModelKeeper:
         self.discard(run_id)
         return changes
 
+    def drop_all(self) -> list[str]:
+        """Remove every model of this group; returns their run ids."""
+        kept = list(self.kept())
+        for run_id in kept:
+            shutil.rmtree(self.models_dir / run_id, ignore_errors=True)
+        return kept
+
     def discard(self, run_id: str) -> None:
         """Remove what `run_id` staged, including temporary folders of a killed write."""
         staged = self.staging(run_id)

@@ -205,12 +205,15 @@ class ConfirmRecorder(tune.Callback):
     one writer). A run that dies is recorded failed with its config's columns; a run written
     again replaces its own row."""
 
-    def __init__(self, directory: str, search: str, metric: str, total: int, echo=True):
+    def __init__(self, directory: str, search: str, metric: str, total: int, echo=True,
+                 mode: str = "max", keep: int | None = 0):
         self.directory = directory
         self.search = search
         self.metric = metric
         self.total = total
         self.echo = echo
+        self.mode = mode
+        self.keep = keep  # the space's keep.best: 0 none, None all of a finalist's seeds
         self._writer = None
         self.write_error: ReportWriteError | None = None
 
@@ -254,17 +257,48 @@ class ConfirmRecorder(tune.Callback):
         if self.write_error is not None:
             return None
         try:
+            evicted = self._keep_model(row)
             self.writer.write_trial(row, steps)
+            for other in evicted:
+                self.writer.update_trial(other, model_path=None)
         except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, the table whole
             self.write_error = e
             interrupt.stop_tuning(e)
             return None
         if self.echo:
             shown = "" if row["objective"] is None else f" {self.metric} {row['objective']:.4f}"
+            kept = f" [model kept: {row['model_path']}]" if row.get("model_path") else ""
             print(f"[confirm {len(self.writer.trials)}/{self.total}] {row['trial_id']} "
-                  f"({row['role']}, seed {row['seed']}) {row['status']}{shown}",
+                  f"({row['role']}, seed {row['seed']}) {row['status']}{shown}{kept}",
                   file=sys.stderr, flush=True)
         return row
+
+    def keeper(self, config_id: str) -> ModelKeeper:
+        """Each finalist keeps its best seed's model while the runs go on; once the
+        statistics are in, only the best finalist's stays (raypo.search.confirm)."""
+        return ModelKeeper(self.directory, best=None if self.keep is None else 1,
+                           mode=self.mode, metric=self.metric,
+                           group=confirm_group(config_id))
+
+    def _keep_model(self, row: dict) -> list[str]:
+        row["model_path"] = None
+        if self.keep == 0 or row.get("role") != "finalist":
+            return []
+        try:
+            changes = self.keeper(row["config_id"]).offer(row["trial_id"], row["objective"])
+        except OSError as e:  # a model that cannot be moved: the row still goes in
+            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
+            changes = {row["trial_id"]: None}
+        row["model_path"] = changes.pop(row["trial_id"])
+        return list(changes)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        remove_empty_staging(self.directory)
+
+
+def confirm_group(config_id: str) -> str:
+    """The keeper group of one finalist's confirmation runs."""
+    return f"confirm:{config_id}"
 
 
 def remove_checkpoints(trial) -> None:

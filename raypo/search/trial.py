@@ -165,16 +165,23 @@ class _Reports:
             return None
         self.sent = path.stat().st_mtime_ns
         return tune.Checkpoint.from_directory(str(self.local))
-def confirm_trial(config: dict) -> None:
+def confirm_trial(config: dict, report_dir: str | None = None) -> None:
     """The Tune function trainable of one confirmation run: `config["run"]` is a run of the
-    plan (raypo.search.confirm), with its whole training config; one final report."""
+    plan (raypo.search.confirm), with its whole training config; one final report. Given
+    `report_dir` (the space keeps models), a finalist's run stages its model there for the
+    driver's keeper."""
     spec = config["run"]
     cfg = TrainConfig.model_validate(spec["config"])
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
-    result, history = run_trial(cfg, spec["run_id"], log=log)
+    save = None
+    if report_dir is not None and spec["role"] == "finalist":
+        save = ModelSave(staging_path(report_dir, spec["run_id"]),
+                         meta={"report": report_dir, "confirmation_run": spec["run_id"],
+                               "config_id": spec["config_id"], "seed": spec["seed"]})
+    result, history = run_trial(cfg, spec["run_id"], log=log, save=save)
     row = trial_row(cfg, result, searched=spec["searched"])
     row.update({k: spec[k] for k in ("config_id", "role")})
     payload = json.dumps({"row": row, "steps": history}, default=str)

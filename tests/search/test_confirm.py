@@ -25,6 +25,7 @@ from raypo.reports.schema import trial_row
 from raypo.search.confirm import (
     Plan,
     baseline_config,
+    best_finalist,
     config_id,
     confirmation_stats,
     make_plan,
@@ -140,6 +141,20 @@ def test_no_finalist_beats_the_baseline_when_differences_are_noise_or_wrong_way(
     assert lower.set_index("config_id").loc["G", "beats_baseline"]
 
 
+def test_the_recommended_finalist_is_the_verdicts_winner_else_the_best_mean():
+    shared = [0.1, 0.5, 0.3, 0.7]
+    # F beats B by a steady 0.05; G has the higher mean but does not beat its baseline
+    rows = _rows({"B": shared, "F": [v + 0.05 for v in shared],
+                  "G": [v + d for v, d in zip(shared, [0.9, -0.1, 0.05, -0.05], strict=True)]})
+    stats = confirmation_stats(_plan(), rows)
+    assert best_finalist(stats, "max")["config_id"] == "F"
+    noise = confirmation_stats(_plan(), _rows({"B": [0.5, 0.6, 0.4, 0.5],
+                                               "F": [0.6, 0.5, 0.5, 0.4],
+                                               "G": [0.3, 0.4, 0.2, 0.3]}))
+    assert best_finalist(noise, "max")["config_id"] == "F"  # 0.5 against G's 0.3
+    assert best_finalist(noise.assign(mean=math.nan), "max") is None
+
+
 def test_a_failed_run_drops_its_seed_from_the_pairs():
     rows = _rows({"B": [0.5, 0.6, 0.4, 0.5], "F": [0.6, 0.7, 0.5, 0.6],
                   "G": [0.5, 0.6, 0.4, 0.5]})
@@ -213,3 +228,24 @@ def test_a_search_with_confirm_killed_mid_confirmation_resumes_to_a_verdict(
     section = page.split('<section id="confirmation">')[1].split("</section>")[0]
     assert "<svg" in section and rep.verdict in section
     assert all(math.isclose(p, 1.0) for p in stats["p_holm"])
+
+    # keep: {best: 1} (the default) keeps the search's best trial and the confirmation's
+    # best finalist's best seed; nothing beats dpo, so the best finalist is the best mean
+    best = stats.loc[stats["mean"].idxmax()]
+    mine = after[after["config_id"] == best["config_id"]]
+    top_seed = mine.loc[mine["objective"].idxmax(), "trial_id"]
+    assert list(after["model_path"].dropna()) == [f"models/{top_seed}"]
+    assert rep.meta["confirmation"]["model_path"] == f"models/{top_seed}"
+    search_kept = rep.trials["model_path"].dropna().tolist()
+    assert len(search_kept) == 1
+    assert sorted(p.name for p in (folder / "models").iterdir()) == sorted(
+        [top_seed, search_kept[0].split("/")[1]])  # the staging folder is gone too
+    assert f"models/{top_seed}" in text and chosen["model_path"] == f"models/{top_seed}"
+    out = tmp_path / "chosen"
+    exported = CliRunner().invoke(app, ["export", str(folder), str(out)])
+    assert exported.exit_code == 0, exported.output
+    meta = json.loads((out / "raypo.json").read_text())
+    assert meta["exported_from"]["trial_id"] == top_seed and meta["config"]["seed"] in (1, 2, 3)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
