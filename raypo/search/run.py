@@ -223,6 +223,9 @@ def _start_ray(space: SearchSpace, address: str | None) -> None:
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
     # Tune's result.json per trial: how a resumed search finds trials that ended unseen
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+    # each trial checkpoints at every evaluation, so Tune snapshots its state often and warns
+    # at every one; the snapshot is small (0.05 s locally), and a slow one still warns
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {"RAYPO_CACHE": str(cache_root().resolve()),
