@@ -165,6 +165,8 @@ class _Reports:
             return None
         self.sent = path.stat().st_mtime_ns
         return tune.Checkpoint.from_directory(str(self.local))
+
+
 def confirm_trial(config: dict, report_dir: str | None = None) -> None:
     """The Tune function trainable of one confirmation run: `config["run"]` is a run of the
     plan (raypo.search.confirm), with its whole training config; one final report. Given
