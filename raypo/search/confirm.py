@@ -156,10 +156,9 @@ def run_config(directory: Path, run_id: str) -> TrainConfig | None:
     path = Path(directory) / PLAN
     if not path.is_file():
         return None
-    for run in json.loads(path.read_text()).get("runs", []):
-        if run["run_id"] == run_id:
-            return TrainConfig.model_validate(run["config"])
-    return None
+    runs = Plan.from_json(json.loads(path.read_text())).runs
+    return next((TrainConfig.model_validate(r["config"]) for r in runs
+                 if r["run_id"] == run_id), None)
 
 
 def _done_runs(directory: Path) -> pd.DataFrame:
@@ -321,15 +320,14 @@ def _keep_best_finalist(space: SearchSpace, directory: Path, plan: Plan, stats: 
     `keep: all`, every finalist's every seed); the other finalists' models go, and
     confirm.parquet's `model_path` says which is kept."""
     from raypo.reports.writer import ReportWriter
-    from raypo.search.keep import ModelKeeper
-    from raypo.search.recorder import confirm_group
+    from raypo.search.keep import finalist_keeper
 
     best = best_finalist(stats, plan.mode)
     writer = ReportWriter(directory, search=space.name, table="confirm")
     kept: dict[str, float] = {}
     for f in plan.finalists:
-        keeper = ModelKeeper(directory, best=space.settings.keep.count, mode=plan.mode,
-                             metric=plan.metric, group=confirm_group(f["config_id"]))
+        keeper = finalist_keeper(directory, f["config_id"], space.settings.keep.count,
+                                 plan.mode, plan.metric)
         if best is not None and f["config_id"] == best["config_id"]:
             kept, best_keeper = keeper.kept(), keeper
         elif space.settings.keep.count is not None:

@@ -134,6 +134,14 @@ class ModelKeeper:
         return max(orders, default=0) + 1
 
 
+def finalist_keeper(report_dir: str | Path, config_id: str, keep: int | None, mode: str,
+                    metric: str) -> ModelKeeper:
+    """The keeper of one confirmation finalist's runs (its own group): its best seed's model,
+    or with `keep: all` (`keep` None) every seed's (raypo.search.confirm)."""
+    return ModelKeeper(report_dir, best=None if keep is None else 1, mode=mode, metric=metric,
+                       group=f"confirm:{config_id}")
+
+
 def remove_empty_staging(report_dir: str | Path) -> None:
     """The staging folder once nothing is left in it (the end of a search)."""
     folder = Path(report_dir) / MODELS / STAGING

@@ -28,7 +28,7 @@ from raypo.reports import ReportWriter
 from raypo.reports.schema import describe, trial_row
 from raypo.reports.writer import ReportWriteError
 from raypo.search import interrupt
-from raypo.search.keep import ModelKeeper, remove_empty_staging
+from raypo.search.keep import ModelKeeper, finalist_keeper, remove_empty_staging
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 
@@ -127,10 +127,7 @@ class ReportRecorder(tune.Callback):
         if self.write_error is not None:  # stopping: a resume runs the trial again
             return row
         try:
-            evicted = self._keep_model(row)
-            self.writer.write_trial(row, steps)
-            for other in evicted:
-                self.writer.update_trial(other, model_path=None)
+            write_keeping_model(self.writer, self.keeper, row, steps)
         except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, tables whole
             self.write_error = e
             interrupt.stop_tuning(e)
@@ -150,18 +147,6 @@ class ReportRecorder(tune.Callback):
         row["predicted_rank"] = self.predicted_rank(row)
         row.setdefault("error", None)
         return row
-
-    def _keep_model(self, row: dict) -> list[str]:
-        """The row's `model_path` (its model kept or not); returns the trials whose kept
-        models it pushed out."""
-        ok = row.get("status") == "ok"
-        try:
-            changes = self.keeper.offer(row["trial_id"], row["objective"] if ok else None)
-        except OSError as e:  # a model that cannot be moved: the row still goes in
-            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
-            changes = {row["trial_id"]: None}
-        row["model_path"] = changes.pop(row["trial_id"])
-        return list(changes)
 
     def predicted_rank(self, row: dict) -> float | None:
         """The selection rule's rank of the row's (kernel, divergence), for a loss whose pair
@@ -256,11 +241,11 @@ class ConfirmRecorder(tune.Callback):
                             else None)
         if self.write_error is not None:
             return None
+        keeper = (finalist_keeper(self.directory, row["config_id"], self.keep, self.mode,
+                                  self.metric)
+                  if self.keep != 0 and row.get("role") == "finalist" else None)
         try:
-            evicted = self._keep_model(row)
-            self.writer.write_trial(row, steps)
-            for other in evicted:
-                self.writer.update_trial(other, model_path=None)
+            write_keeping_model(self.writer, keeper, row, steps)
         except ReportWriteError as e:  # a full disk: stop as after Ctrl-C, the table whole
             self.write_error = e
             interrupt.stop_tuning(e)
@@ -273,32 +258,27 @@ class ConfirmRecorder(tune.Callback):
                   file=sys.stderr, flush=True)
         return row
 
-    def keeper(self, config_id: str) -> ModelKeeper:
-        """Each finalist keeps its best seed's model while the runs go on; once the
-        statistics are in, only the best finalist's stays (raypo.search.confirm)."""
-        return ModelKeeper(self.directory, best=None if self.keep is None else 1,
-                           mode=self.mode, metric=self.metric,
-                           group=confirm_group(config_id))
-
-    def _keep_model(self, row: dict) -> list[str]:
-        row["model_path"] = None
-        if self.keep == 0 or row.get("role") != "finalist":
-            return []
-        try:
-            changes = self.keeper(row["config_id"]).offer(row["trial_id"], row["objective"])
-        except OSError as e:  # a model that cannot be moved: the row still goes in
-            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
-            changes = {row["trial_id"]: None}
-        row["model_path"] = changes.pop(row["trial_id"])
-        return list(changes)
-
     def on_experiment_end(self, trials, **info) -> None:
         remove_empty_staging(self.directory)
 
 
-def confirm_group(config_id: str) -> str:
-    """The keeper group of one finalist's confirmation runs."""
-    return f"confirm:{config_id}"
+def write_keeping_model(writer: ReportWriter, keeper: ModelKeeper | None, row: dict,
+                        steps: list[dict]) -> None:
+    """Write the row with its `model_path`: the keeper (None: the row keeps no model) keeps
+    or drops what the run staged, and the models it pushes out get `model_path` null."""
+    row["model_path"], evicted = None, []
+    if keeper is not None:
+        ok = row.get("status") == "ok"
+        try:
+            changes = keeper.offer(row["trial_id"], row["objective"] if ok else None)
+        except OSError as e:  # a model that cannot be moved: the row still goes in
+            print(f"{row['trial_id']}: its model could not be kept: {e}", file=sys.stderr)
+            changes = {row["trial_id"]: None}
+        row["model_path"] = changes.pop(row["trial_id"])
+        evicted = list(changes)
+    writer.write_trial(row, steps)
+    for other in evicted:
+        writer.update_trial(other, model_path=None)
 
 
 def remove_checkpoints(trial) -> None:
