@@ -78,7 +78,7 @@ def raypo_search(space, reports: Path) -> tuple[float, list[dict]]:
     from raypo.search.run import run_search
 
     start = time.perf_counter()
-    folder = run_search(space, reports=reports, log=lambda m: None)
+    folder, _ = run_search(space, reports=reports, log=lambda m: None)
     ray.shutdown()
     seconds = time.perf_counter() - start
     from raypo.reports.schema import searched_values

@@ -150,7 +150,9 @@ def search(
     address: Annotated[str | None, typer.Option(help="Ray cluster ('auto' after ray up)")] = None,
     name: Annotated[str | None, typer.Option(help="report name (default: the space's)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted search")] = False,
-    reports: Annotated[Path, typer.Option(help="folder of reports")] = Path("reports"),
+    reports: Annotated[str, typer.Option(
+        envvar="RAYPO_REPORTS", help="where reports go: a folder (on a cluster, one every "
+        "node mounts: NFS/EFS), or s3://bucket/prefix, gs://bucket/prefix")] = "reports",
     confirm: Annotated[bool | None, typer.Option(
         "--confirm/--no-confirm", help="run the confirmation stage after the search "
         "(default: when the space has a `confirm:` section)")] = None,
@@ -166,8 +168,9 @@ def search(
     from raypo.reports.lock import LockedError, ReportLock
     from raypo.reports.writer import ReportWriteError
     from raypo.search.interrupt import Interrupted
-    from raypo.search.run import run_search
+    from raypo.search.pipeline import search_and_confirm
     from raypo.search.space import SpaceError, load_space
+    from raypo.storage import StorageError, location
     from raypo.train.config import ConfigError, name_problem
 
     overrides = {"model": model, "data": data, "name": name,
@@ -177,11 +180,14 @@ def search(
     if name is not None and name_problem(name):
         _fail(f"--name: {name_problem(name)}")
     try:
+        root = location(reports)
         parsed = load_space(space, overrides)
-        with ReportLock(reports / parsed.name, "search"):
-            search_folder(reports / parsed.name, resume)  # writable, not another kind's
-            out = run_search(parsed, reports=reports, address=address, resume=resume,
-                             confirm=confirm)
+        with ReportLock(root / parsed.name, "search"):
+            search_folder(root / parsed.name, resume)  # writable, not another kind's
+            out = search_and_confirm(parsed, reports=reports, address=address,
+                                     resume=resume, confirm=confirm)
+    except StorageError as e:
+        _fail(f"--reports {e}")
     except (SpaceError, ConfigError, DataError, LockedError, ReportFolderError,
             ReportWriteError) as e:
         _fail(str(e))
@@ -226,7 +232,8 @@ def _number(value):
 
 @app.command()
 def select(
-    report: Annotated[Path, typer.Argument(help="a report folder (reports/<name>)")],
+    report: Annotated[str, typer.Argument(help="a report folder (reports/<name>, or "
+                                          "s3://bucket/prefix/<name>)")],
     top: Annotated[int, typer.Option(help="how many pairs (or trials) to show")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on the last line")]
     = False,
@@ -322,15 +329,16 @@ def _chosen_model(rep, best) -> str | None:
     return path if isinstance(path, str) and path else None
 
 
-def _echo_model(report: Path, path: str | None, what: str) -> None:
+def _echo_model(report: str, path: str | None, what: str) -> None:
     if path:
-        typer.echo(f"model ({what}): {report / path}; copy it out with: raypo export {report} "
-                   "DIR")
+        typer.echo(f"model ({what}): {report.rstrip('/')}/{path}; copy it out with: raypo "
+                   f"export {report} DIR")
 
 
 @app.command()
 def confirm(
-    report: Annotated[Path, typer.Argument(help="a search's report folder (reports/<name>)")],
+    report: Annotated[str, typer.Argument(help="a search's report folder (reports/<name>, "
+                                          "or s3://bucket/prefix/<name>)")],
     top: Annotated[int | None, typer.Option(help="finalists (confirm.top)")] = None,
     seeds: Annotated[int | None, typer.Option(help="seeds per configuration")] = None,
     baseline: Annotated[str | None, typer.Option(help="the baseline loss (default dpo)")]
@@ -353,7 +361,7 @@ def confirm(
 
     try:
         rep = load(report)
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except (FileNotFoundError, OSError, ValueError) as e:  # StorageError is a ValueError
         _fail(str(e))
     if rep.meta.get("kind") != "search" or "space" not in rep.meta:
         _fail(f"{report}/search.json: not the report of a search (no space recorded)")
@@ -364,8 +372,8 @@ def confirm(
                          if v is not None})
         if baseline:
             settings["baseline"] = {"name": baseline}
-        with ReportLock(report, "confirm"):  # one writer per report
-            result = run_confirmation(space, report, Confirm.model_validate(settings),
+        with ReportLock(rep.path, "confirm"):  # one writer per report
+            result = run_confirmation(space, rep.path, Confirm.model_validate(settings),
                                       address=address)
     except (SpaceError, LockedError, ReportWriteError) as e:
         _fail(str(e))
@@ -382,23 +390,29 @@ def confirm(
 
 @app.command("report")
 def report_command(
-    report: Annotated[Path, typer.Argument(help="a report folder: reports/<name>")],
-    out: Annotated[Path | None, typer.Option(help="HTML file (default: REPORT/report.html)")]
-    = None,
+    report: Annotated[str, typer.Argument(help="a report folder: reports/<name>, or "
+                                          "s3://bucket/prefix/<name>")],
+    out: Annotated[Path | None, typer.Option(
+        "-o", "--out", help="HTML file (default: REPORT/report.html; for a report on object "
+        "storage <name>.html in the working directory, never into the bucket)")] = None,
 ) -> None:
     """Write one self-contained HTML page (figures inline, no network) for a report."""
     from raypo.reports import load
     from raypo.reports.html import write_html
+    from raypo.storage import StorageError, is_remote, location
 
-    if not report.is_dir():
-        _fail(f"{report}: not a folder (give a report folder such as reports/<name>)")
     try:
-        loaded = load(report)
+        folder = location(report)
+        if not folder.is_dir():
+            _fail(f"{report}: not a folder (give a report folder such as reports/<name>)")
+        loaded = load(folder)
     except FileNotFoundError as e:
         _fail(str(e))
-    except (OSError, ValueError) as e:  # unreadable Parquet or search.json (named)
+    except (OSError, ValueError, StorageError) as e:  # unreadable Parquet or search.json
         _fail(f"cannot read the report: {e}")
-    target = out or report / "report.html"
+    # a report on object storage may be a running search's: the page goes here, not there
+    target = out or (Path(f"{folder.name}.html") if is_remote(folder)
+                     else folder / "report.html")
     try:
         typer.echo(str(write_html(loaded, target)))
     except OSError as e:  # a read-only folder, a full disk: nothing half-written
@@ -407,7 +421,8 @@ def report_command(
 
 @app.command("export")
 def export_command(
-    report: Annotated[Path, typer.Argument(help="a report folder: reports/<name>")],
+    report: Annotated[str, typer.Argument(help="a report folder: reports/<name>, or "
+                                          "s3://bucket/prefix/<name> (downloaded)")],
     out: Annotated[Path, typer.Argument(help="the folder to write the model to")],
     trial: Annotated[str | None, typer.Option(help="trial id (default: the best trial)")]
     = None,
@@ -424,7 +439,7 @@ def export_command(
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     try:
         path = export_model(report, out, trial, rebuild=rebuild, merge=merge, log=log)
-    except (ConfigError, SaveError, DataError) as e:  # ExportError is a ConfigError
+    except (ConfigError, SaveError, DataError, ValueError) as e:  # ExportError: ConfigError
         _fail(str(e))
     typer.echo(str(path))
 

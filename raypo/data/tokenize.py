@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import torch
 
-from raypo.data.cache import atomic_torch_save, cache_root, hash_json, tokenizer_fingerprint
+from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json, tokenizer_fingerprint
 from raypo.data.checks import warn_unknown
 from raypo.data.errors import DataError
 from raypo.data.formats import COLUMNS
@@ -380,7 +380,7 @@ def _pack(pairs: TokenizedPairs) -> dict[str, Any]:
 
 
 def _load(path: Path, fingerprint: str) -> TokenizedPairs | None:
-    if not path.exists():
+    if not cached(path):
         return None
     try:
         packed = torch.load(path, weights_only=True)

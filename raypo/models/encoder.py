@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from raypo.data.cache import atomic_torch_save, cache_root, hash_json
+from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json
 
 PREFIX = "encoder:"
 EXTRA_HINT = "pip install 'raypo[encoder]'"
@@ -97,7 +97,7 @@ def encoder_embeddings(name: str, pairs, tokenizer, *, device: str | torch.devic
     key = hash_json({"encoder": encoder_fingerprint(name), "data": pairs.fingerprint,
                      "version": ENCODE_VERSION})[:24]
     path = cache_root() / "encoder" / f"{key}.pt"
-    if path.is_file():
+    if cached(path):
         if log:
             log(f"encoder embeddings: read from cache ({len(pairs)} pairs)")
         return torch.load(path, weights_only=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from raypo.files import atomic_write, share_as_new
 from raypo.models.load import _is_peft_model
+from raypo.storage import is_remote, location
 
 META = "raypo.json"
 
@@ -52,12 +53,14 @@ def check_target(directory: str | Path) -> None:
                         "give a new or empty folder")
 
 
-def is_saved_model(directory: str | Path) -> bool:
-    return (Path(directory) / META).is_file()
+def is_saved_model(directory) -> bool:
+    """Whether `directory` (local, or a raypo.storage.RemotePath) holds a whole raypo save:
+    raypo.json is written last."""
+    return (location(directory) / META).is_file()
 
 
-def read_meta(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / META).read_text())
+def read_meta(directory) -> dict:
+    return json.loads((location(directory) / META).read_text())
 
 
 def write_weights(policy, tokenizer, folder: str | Path, *, merge: bool = False,
@@ -95,10 +98,15 @@ def _json_safe(value):
     return value
 
 
-def write_meta(folder: str | Path, meta: dict) -> None:
-    """raypo.json, atomically (the keeper rewrites it in a kept folder)."""
+def write_meta(folder, meta: dict) -> None:
+    """raypo.json, atomically (the keeper rewrites it in a kept folder; on object storage one
+    upload)."""
     meta = _json_safe(meta)
-    atomic_write(Path(folder) / META, lambda f: json.dump(meta, f, indent=2, default=str))
+    folder = location(folder)
+    if is_remote(folder):
+        (folder / META).write_text(json.dumps(meta, indent=2, default=str))
+        return
+    atomic_write(folder / META, lambda f: json.dump(meta, f, indent=2, default=str))
 
 
 def loader_of(fmt: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from raypo.reports.writer import read_table
+from raypo.storage import location
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Report:
                                              strict=True)}
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path) -> dict:
     """search.json ({} if absent); ValueError naming the file if it is not a JSON object."""
     if not path.is_file():
         return {}
@@ -133,8 +134,10 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def load(path: str | Path) -> Report:
-    path = Path(path)
+def load(path) -> Report:
+    """The report at `path`: a local folder, or `s3://...` / `gs://...` (read from the
+    bucket, with the credentials of the environment)."""
+    path = location(path)
     if not (path / "trials.parquet").is_file():
         raise FileNotFoundError(f"{path}: no trials.parquet (is this a raypo report folder?)")
 

@@ -1,7 +1,12 @@
 """Atomic Parquet writers: a table is rewritten whole to a temporary file in the same folder
 and renamed over the old one, so a reader (or a killed writer) never sees half a table. Files
 get the mode the user's umask gives a new file (raypo.files), so a report folder can be
-shared."""
+shared.
+
+On object storage (a raypo.storage.RemotePath) there is no rename: a table is serialised in
+memory and sent in one upload (one PUT, or a multipart upload completed at the end), and the
+storage makes an object visible only once its upload has completed, so a reader sees the old
+table or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from raypo.files import share_as_new
+from raypo.storage import RemotePath, location
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -53,9 +59,25 @@ def _reason(error: OSError) -> tuple[str, int | None]:
     return (os.strerror(code) if code else " ".join(str(error).split())), code
 
 
-def _atomic(path: Path, write) -> None:
+def _upload(path: RemotePath, write) -> None:
+    """`write(temporary path)` locally, then one upload of the whole file to `path`."""
+    with tempfile.TemporaryDirectory(prefix="raypo-upload-") as folder:
+        tmp = os.path.join(folder, path.name)
+        write(tmp)
+        try:
+            path.upload_file(Path(tmp))
+        except OSError as e:
+            reason, code = _reason(e)
+            raise ReportWriteError(f"{path}: cannot write: {reason} (the object is "
+                                   "unchanged)", code) from e
+
+
+def _atomic(path: Path | RemotePath, write) -> None:
     """`write(temporary path)`, then rename over `path`; on any failure the temporary file
     is removed and ReportWriteError says which file and why."""
+    if isinstance(path, RemotePath):
+        _upload(path, write)
+        return
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +99,12 @@ def _atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+def write_parquet_atomic(path: Path | RemotePath, frame: pd.DataFrame) -> None:
     frame = _parquet_safe(frame)
     _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path | RemotePath, payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str)
 
     def write(tmp):
@@ -92,9 +114,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     _atomic(path, write)
 
 
-def check_writable(folder: Path, min_free_mb: float = 1.0) -> None:
+def check_writable(folder: Path | RemotePath, min_free_mb: float = 1.0) -> None:
     """Before any work: a file can be written in `folder` (which must exist), and the disk
     has some room; ReportWriteError otherwise."""
+    if isinstance(folder, RemotePath):  # object storage: write and remove a probe object
+        probe = folder / f".raypo.probe.{os.getpid()}"
+        try:
+            probe.write_bytes(b"\0")
+            probe.unlink(missing_ok=True)
+        except OSError as e:
+            raise ReportWriteError(f"{folder}: cannot write the report there: "
+                                   f"{' '.join(str(e).split())}") from None
+        return
     probe = None
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".raypo.probe.", suffix=".tmp")
@@ -114,12 +145,16 @@ def check_writable(folder: Path, min_free_mb: float = 1.0) -> None:
                                "room", errno.ENOSPC)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path | RemotePath) -> pd.DataFrame:
     """A report's Parquet table (empty if absent); ValueError naming the file if it is not
     a readable Parquet file."""
     if not path.is_file():
         return pd.DataFrame()
     try:
+        if isinstance(path, RemotePath):
+            import io
+
+            return pd.read_parquet(io.BytesIO(path.read_bytes()))
         return pd.read_parquet(path)
     except Exception as e:  # pyarrow raises its own types for a damaged file
         raise ValueError(f"{path}: not a readable Parquet table ({type(e).__name__}: "
@@ -132,8 +167,9 @@ class ReportWriter:
     disk are kept: a resumed search appends to them. `table` names another pair of files
     (`confirm` -> confirm.parquet and confirm_steps.parquet)."""
 
-    def __init__(self, directory: str | Path, search: str, table: str = "trials"):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path | RemotePath, search: str,
+                 table: str = "trials"):
+        self.directory = location(directory)
         self.search = search
         self.trials_file = f"{table}.parquet"
         self.steps_file = "steps.parquet" if table == "trials" else f"{table}_steps.parquet"

@@ -29,7 +29,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
@@ -37,7 +36,9 @@ from raypo.losses import LOSSES
 from raypo.reports.schema import describe, searched_values
 from raypo.reports.stats import ALPHA, holm, paired, summary
 from raypo.reports.writer import read_table, write_json_atomic, write_parquet_atomic
+from raypo.search import tuning
 from raypo.search.space import Confirm, SearchSpace, SpaceError
+from raypo.storage import location
 from raypo.train.config import TrainConfig
 
 PLAN = "confirm_plan.json"
@@ -151,9 +152,9 @@ def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Pl
     return plan
 
 
-def run_config(directory: Path, run_id: str) -> TrainConfig | None:
+def run_config(directory, run_id: str) -> TrainConfig | None:
     """The training config of confirmation run `run_id` (seed included), from the plan."""
-    path = Path(directory) / PLAN
+    path = location(directory) / PLAN
     if not path.is_file():
         return None
     runs = Plan.from_json(json.loads(path.read_text())).runs
@@ -161,11 +162,11 @@ def run_config(directory: Path, run_id: str) -> TrainConfig | None:
                  if r["run_id"] == run_id), None)
 
 
-def _done_runs(directory: Path) -> pd.DataFrame:
+def _done_runs(directory) -> pd.DataFrame:
     return read_table(directory / RUNS)
 
 
-def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
+def run_confirmation(space: SearchSpace, directory, settings: Confirm, *,
                      address: str | None = None, log=_log, interrupts=None) -> dict:
     """Plan (or re-read the plan), train the runs that have no row yet, compute the
     statistics; returns the confirmation's summary (also in search.json). Raises
@@ -177,7 +178,7 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
         with Interrupts() as own:
             return run_confirmation(space, directory, settings, address=address, log=log,
                                     interrupts=own)
-    directory = Path(directory)
+    directory = location(directory)
     trials_path = directory / "trials.parquet"
     if not trials_path.is_file():
         raise SpaceError(f"{directory}: no trials.parquet: nothing to confirm")
@@ -229,38 +230,37 @@ def run_confirmation(space: SearchSpace, directory: Path, settings: Confirm, *,
     return result
 
 
-def _train(space: SearchSpace, directory: Path, plan: Plan, todo: list[dict], address, log,
+def _train(space: SearchSpace, directory, plan: Plan, todo: list[dict], address, log,
            interrupts) -> None:
     from ray import tune
 
     from raypo.reports.writer import ReportWriteError
+    from raypo.search.reach import StorageUnreachable, check_storage
     from raypo.search.recorder import ConfirmRecorder
-    from raypo.search.run import STORAGE, _resources, _start_ray
     from raypo.search.trial import confirm_trial
 
-    _start_ray(space, address)
+    tuning.start_ray(space, address, directory.parent)
+    check_storage(directory, local=address is None, log=log)
     keep = space.settings.keep.count
     recorder = ConfirmRecorder(str(directory), space.name, plan.metric, total=len(plan.runs),
                                mode=plan.mode, keep=keep)
-    trainable = tune.with_resources(
-        tune.with_parameters(confirm_trial, report_dir=str(directory) if keep != 0 else None),
-        _resources(space))
+    trainable = tune.with_parameters(confirm_trial, report_dir=str(directory),
+                                     keep=keep != 0)
     # each attempt its own experiment: what a killed attempt finished is in confirm.parquet,
     # and the next attempt runs only the rest
-    storage = directory / "confirm_tune"
-    name = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}"
-    tuner = tune.Tuner(
-        trainable, param_space={"run": tune.grid_search(todo)},
+    tuner = tuning.build_tuner(
+        trainable, space, folder=directory / "confirm_tune",
+        name=f"attempt-{time.strftime('%Y%m%dT%H%M%S')}", callbacks=[recorder],
+        param_space={"run": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(num_samples=1,
                                     max_concurrent_trials=space.settings.budget.concurrency,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                  storage_filesystem=STORAGE, callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=1)))
+                                    reuse_actors=True))
     with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune stops the runs and returns
         tuner.fit()
-    if interrupts.failure is not None:  # the recorder could not write confirm.parquet
-        error = interrupts.failure
+    error = interrupts.failure
+    if isinstance(error, StorageUnreachable):
+        raise error
+    if error is not None:  # the recorder could not write confirm.parquet
         raise ReportWriteError(f"{error}; the confirmation stopped; confirm.parquet holds the "
                                f"runs recorded before; free space, then continue with: "
                                f"raypo confirm {directory}", getattr(error, "errno", None))
@@ -314,7 +314,7 @@ def best_finalist(stats: pd.DataFrame, mode: str) -> pd.Series | None:
     return None if key.empty else stats.loc[key.idxmax()]
 
 
-def _keep_best_finalist(space: SearchSpace, directory: Path, plan: Plan, stats: pd.DataFrame,
+def _keep_best_finalist(space: SearchSpace, directory, plan: Plan, stats: pd.DataFrame,
                         log) -> dict:
     """The confirmation's model: the best finalist's best seed stays in models/ (with
     `keep: all`, every finalist's every seed); the other finalists' models go, and
@@ -359,7 +359,7 @@ def verdict(stats: pd.DataFrame, plan: Plan) -> str:
             f"{best['diff_ci_high']:+.4g}, Holm p {best['p_holm']:.3g}, {int(best['n'])} seeds)")
 
 
-def _record_in_meta(directory: Path, result: dict) -> None:
+def _record_in_meta(directory, result: dict) -> None:
     path = directory / "search.json"
     meta = json.loads(path.read_text()) if path.is_file() else {}
     meta["confirmation"] = result

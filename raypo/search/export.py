@@ -26,6 +26,7 @@ from raypo.models.save import (
 )
 from raypo.reports import load
 from raypo.search.space import SpaceError
+from raypo.storage import is_remote, location
 
 
 class ExportError(SpaceError):
@@ -36,8 +37,9 @@ def export_model(report: str | Path, target: str | Path, trial_id: str | None = 
                  rebuild: bool = False, merge: bool = False, log=print) -> Path:
     """Copy (or with `rebuild`, re-train) the model of `trial_id` (default: the best trial)
     of the report folder `report` into `target`; returns `target`."""
-    report, target = Path(report), Path(target).expanduser().absolute()
+    target = Path(target).expanduser().absolute()
     try:
+        report = location(report)  # a local folder, or a bucket's: then downloaded
         rep = load(report)
     except (OSError, ValueError) as e:
         raise ExportError(str(e)) from None
@@ -99,14 +101,20 @@ def _not_kept(report: Path, rep, row) -> str:
     return f"{report}: trial {trial_id}'s model was not kept: {why}. To get it, {how}"
 
 
-def _copy(source: Path, target: Path, merge: bool, extra: dict) -> Path:
+def _copy(source, target: Path, merge: bool, extra: dict) -> Path:
     staging = staging_beside(target)
     try:
         meta = read_meta(source)
         if merge and meta.get("format") == "lora":
+            if is_remote(source):  # peft reads a local folder
+                local = staging.with_name(staging.name + "-download")
+                source.download(local)
+                source = local
             _merge_adapter(source, staging)
             meta.update(format="merged", load="transformers.AutoModelForCausalLM."
                                               "from_pretrained(DIR)")
+        elif is_remote(source):
+            source.download(staging)
         else:
             shutil.copytree(source, staging, dirs_exist_ok=True)
         meta.pop("keep", None)  # a copy is nobody's kept model

@@ -3,9 +3,11 @@ one, under `<report>/models/<run_id>/` (Hugging Face folders with raypo.json, se
 raypo.models.save).
 
 The run's own process writes its model to a staging folder under the report
-(`staging_path(report, run_id)`, written whole by a rename); the driver, the only writer of the
-report, then `offer`s it: the keeper moves it into `models/` if it is among the best, removes
-the kept models it pushes out, and removes it otherwise. What is kept is read back from the
+(`staging_path(report, run_id)`, written whole by a rename; on object storage uploaded from the
+trial's node with raypo.json last, so a folder with raypo.json is whole); the driver, the only
+writer of the report, then `offer`s it: the keeper moves it into `models/` if it is among the
+best (a rename, or on object storage a server-side copy with raypo.json last, then a delete),
+removes the kept models it pushes out, and removes it otherwise. What is kept is read back from the
 folders themselves (each raypo.json says its group, objective and direction), so a resumed
 search, or another stage of the same report, needs no saved state.
 
@@ -22,18 +24,89 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
-from raypo.models.save import is_saved_model, publish, read_meta, write_meta
+from raypo.models.save import META, is_saved_model, publish, read_meta, write_meta
+from raypo.storage import is_remote, location, move_tree, rmtree
 
 MODELS = "models"
 STAGING = ".staging"
 
 
-def staging_path(report_dir: str | Path, run_id: str) -> Path:
+def staging_path(report_dir, run_id: str):
     """Where a run writes its model for the keeper to offer (same file system as models/)."""
-    return Path(report_dir) / MODELS / STAGING / run_id
+    return location(report_dir) / MODELS / STAGING / run_id
+
+
+def staged_save(report_dir, run_id: str, meta: dict):
+    """Where a run writes the model the keeper may keep: the report's staging folder itself
+    on a local (or NFS) report, or, on object storage, a local folder uploaded there when the
+    run finishes (UploadedSave)."""
+    from raypo.models.save import ModelSave
+
+    target = staging_path(report_dir, run_id)
+    if is_remote(target):
+        return UploadedSave(target, meta)
+    return ModelSave(target, meta=meta)
+
+
+class UploadedSave:
+    """A ModelSave for a report on object storage: the model is written on the node that
+    trains it, then uploaded to `target` with raypo.json last (so the keeper, which looks for
+    raypo.json, never takes half a model). With several Ray Train workers, rank 0 uploads the
+    weights itself (`remote_weights`) and `finish` adds raypo.json."""
+
+    merge = False
+
+    def __init__(self, target, meta: dict):
+        import tempfile
+
+        from raypo.models.save import ModelSave
+
+        self.target = target
+        self.directory = target
+        self.remote_weights = str(target)
+        self._local = ModelSave(Path(tempfile.mkdtemp(prefix="raypo-model-")) / "model",
+                                meta=meta)
+
+    def check(self) -> None:
+        self._local.check()
+
+    def staging(self) -> Path:
+        return self._local.staging()
+
+    def write_weights(self, policy, tokenizer, cfg) -> None:
+        self._local.write_weights(policy, tokenizer, cfg)
+
+    def weights_written(self, fmt: str) -> None:
+        self._local.weights_written(fmt)
+        self._uploaded_by_worker = True
+
+    def finish(self, cfg, row: dict):
+        local = self._local
+        try:
+            if getattr(self, "_uploaded_by_worker", False):
+                fmt = local._format
+                local.discard()
+                if row.get("status") != "ok" or fmt is None:
+                    rmtree(self.target)
+                    return None
+                import raypo
+                from raypo.models.save import loader_of
+
+                write_meta(self.target, {"format": fmt, "load": loader_of(fmt),
+                                         "base_model": cfg.model or "tiny",
+                                         "raypo": raypo.__version__, **local.meta,
+                                         "config": cfg.model_dump(mode="json"),
+                                         "metrics": row})
+                return self.target
+            folder = local.finish(cfg, row)
+            if folder is None:
+                return None
+            self.target.upload(folder, last=META)
+            return self.target
+        finally:
+            rmtree(local.directory.parent)
 
 
 class ModelKeeper:
@@ -44,7 +117,7 @@ class ModelKeeper:
                  group: str = "search"):
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
-        self.report_dir = Path(report_dir)
+        self.report_dir = location(report_dir)
         self.best, self.mode, self.metric, self.group = best, mode, metric, group
 
     @property
@@ -53,10 +126,10 @@ class ModelKeeper:
         return self.best != 0
 
     @property
-    def models_dir(self) -> Path:
+    def models_dir(self):
         return self.report_dir / MODELS
 
-    def staging(self, run_id: str) -> Path:
+    def staging(self, run_id: str):
         return staging_path(self.report_dir, run_id)
 
     def relative(self, run_id: str) -> str:
@@ -93,13 +166,13 @@ class ModelKeeper:
             meta["keep"] = {"group": self.group, "metric": self.metric, "mode": self.mode,
                             "objective": objective, "order": self._next_order()}
             write_meta(staged, meta)
-            publish(staged, self.models_dir / run_id)
+            self._publish(staged, self.models_dir / run_id)
             changes[run_id] = self.relative(run_id)
         elif run_id in kept:  # a re-run that is no longer kept: its old model goes too
-            shutil.rmtree(self.models_dir / run_id, ignore_errors=True)
+            rmtree(self.models_dir / run_id)
         for other in kept:
             if other != run_id and other not in winners:
-                shutil.rmtree(self.models_dir / other, ignore_errors=True)
+                rmtree(self.models_dir / other)
                 changes[other] = None
         self.discard(run_id)
         return changes
@@ -108,16 +181,26 @@ class ModelKeeper:
         """Remove every model of this group; returns their run ids."""
         kept = list(self.kept())
         for run_id in kept:
-            shutil.rmtree(self.models_dir / run_id, ignore_errors=True)
+            rmtree(self.models_dir / run_id)
         return kept
 
     def discard(self, run_id: str) -> None:
         """Remove what `run_id` staged, including temporary folders of a killed write."""
         staged = self.staging(run_id)
-        shutil.rmtree(staged, ignore_errors=True)
-        if staged.parent.is_dir():
+        rmtree(staged)
+        if not is_remote(staged) and staged.parent.is_dir():
             for leftover in staged.parent.glob(f".{run_id}.*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                rmtree(leftover)
+
+    @staticmethod
+    def _publish(staged, target) -> None:
+        """The staged folder becomes the kept one, whole (raypo.json last on object storage,
+        where a kept folder of the same name is removed first)."""
+        if is_remote(staged):
+            rmtree(target)
+            move_tree(staged, target, last=META)
+        else:
+            publish(staged, target)
 
     def _best_of(self, candidates: dict[str, float]) -> list[str]:
         if self.best is None:
@@ -142,8 +225,12 @@ def finalist_keeper(report_dir: str | Path, config_id: str, keep: int | None, mo
                        group=f"confirm:{config_id}")
 
 
-def remove_empty_staging(report_dir: str | Path) -> None:
-    """The staging folder once nothing is left in it (the end of a search)."""
-    folder = Path(report_dir) / MODELS / STAGING
-    if folder.is_dir() and not any(folder.iterdir()):
+def remove_empty_staging(report_dir) -> None:
+    """The staging folder once nothing is left in it (the end of a search; on object storage
+    the empty-folder marker pyarrow leaves)."""
+    folder = location(report_dir) / MODELS / STAGING
+    if is_remote(folder):
+        if not folder.files():
+            folder.rmtree()
+    elif folder.is_dir() and not any(folder.iterdir()):
         os.rmdir(folder)

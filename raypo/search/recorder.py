@@ -29,6 +29,7 @@ from raypo.reports.schema import describe, trial_row
 from raypo.reports.writer import ReportWriteError
 from raypo.search import interrupt
 from raypo.search.keep import ModelKeeper, finalist_keeper, remove_empty_staging
+from raypo.search.reach import StorageUnreachable
 from raypo.search.space import SearchSpace
 from raypo.search.trial import FINAL
 
@@ -67,7 +68,7 @@ class ReportRecorder(tune.Callback):
     @property
     def writer(self) -> ReportWriter:
         if self._writer is None:
-            self._writer = ReportWriter(Path(self.directory), search=self.search)
+            self._writer = ReportWriter(self.directory, search=self.search)
         return self._writer
 
     @property
@@ -95,10 +96,16 @@ class ReportRecorder(tune.Callback):
         self._ended(trial, row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = _error_text(trial)
+        if stop_if_unreachable(error):
+            return  # no row: the search stops, and the trial runs again after the fix
         row = self.record(trial.trial_id, trial.config, trial.last_result or {},
-                          error=_error_text(trial), number=trial_number(trial),
+                          error=error, number=trial_number(trial),
                           status="interrupted" if interrupt.requested() else None)
         self._ended(trial, row)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        stop_if_unreachable(_error_text(trial))
 
     def _ended(self, trial, row: dict) -> None:
         if row.get("status") != "interrupted" and self.write_error is None:
@@ -174,6 +181,17 @@ class ReportRecorder(tune.Callback):
               file=sys.stderr, flush=True)
 
 
+def stop_if_unreachable(error: str) -> bool:
+    """A trial that failed because its node cannot reach the report's storage (raypo.search
+    .reach) stops the whole search with that message: without the storage no trial keeps a
+    checkpoint or a model. True when it did."""
+    marker = f"{StorageUnreachable.__name__}: "
+    if marker not in error:
+        return False
+    interrupt.stop_tuning(StorageUnreachable(error.split(marker, 1)[1]))
+    return True
+
+
 def _error_text(trial) -> str:
     """The last line of the trial's traceback (Tune keeps it in the trial's error file)."""
     path = getattr(trial, "error_file", None)
@@ -205,7 +223,7 @@ class ConfirmRecorder(tune.Callback):
     @property
     def writer(self) -> ReportWriter:
         if self._writer is None:
-            self._writer = ReportWriter(Path(self.directory), search=self.search,
+            self._writer = ReportWriter(self.directory, search=self.search,
                                         table="confirm")
         return self._writer
 
@@ -216,7 +234,12 @@ class ConfirmRecorder(tune.Callback):
         self.record(trial.config["run"], trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.record(trial.config["run"], trial.last_result or {}, error=_error_text(trial))
+        error = _error_text(trial)
+        if not stop_if_unreachable(error):
+            self.record(trial.config["run"], trial.last_result or {}, error=error)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        stop_if_unreachable(_error_text(trial))
 
     def record(self, spec: dict, last: dict, error: str | None = None) -> dict | None:
         """The run's row, written; None for a run a signal stopped (no row: `raypo confirm`

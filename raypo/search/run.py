@@ -1,25 +1,29 @@
 """A search: shared caches and selection evidence first, then Ray Tune + OptunaSearch.
 
 Order of events (`run_search`):
-1. the report folder: a new one, or (`resume`) the one an interrupted search left;
+1. the report folder (`<reports>/<name>`, on local disk, an NFS mount or object storage,
+   raypo.storage): a new one, or (`resume`) the one an interrupted search left;
 2. what every trial shares, computed once and read by the trials from the cache
    (RAYPO_CACHE): the built-in task's base model, tokenized data, reference outputs (one per
    distinct set of fields the space's losses need), and the selection metrics with their
    ranking of the kernel-divergence pairs (selection.parquet). On the driver, before Ray
    starts, for CPU trials; as a Ray task with a trial's resources for GPU trials (a real model
-   on a CPU head would take hours), which on a multi-node cluster needs RAYPO_CACHE on shared
-   storage for the trials to find it (otherwise each node computes its own on first use);
-3. Ray: a local instance, or the cluster at `address`;
-4. Tune: the space as an Optuna define-by-run space (TPE or NSGA-II, seeded), the predicted
-   best pairs enqueued first, the scheduler on a monotonic `step`, failed workers retried;
-   the recorder writes each trial's row as it ends;
+   on a CPU head would take hours). With the report on object storage the caches are mirrored
+   there (raypo.data.cache), so a trial on any node downloads them instead of computing them;
+3. Ray: a local instance, or the cluster at `address`, whose every node must see the report
+   folder (raypo.search.reach) before any trial starts;
+4. Tune (raypo.search.tuning): the space as an Optuna define-by-run space (TPE or NSGA-II,
+   seeded), the predicted best pairs enqueued first, the scheduler on a monotonic `step`,
+   failed workers retried from their checkpoints; the recorder writes each trial's row as it
+   ends;
 5. search.json, and the rows of trials the recorder could not see (ended before a restart).
+
+The confirmation stage that may follow is chained by raypo.search.pipeline.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import signal
@@ -28,18 +32,22 @@ import time
 import warnings
 from pathlib import Path
 
-from raypo.data.cache import cache_root
-from raypo.reports.writer import ReportWriteError, write_json_atomic, write_parquet_atomic
+from raypo.data.cache import cache_root, publish_used
+from raypo.reports.writer import (
+    ReportWriteError,
+    read_table,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from raypo.search import tuning
 from raypo.search.checks import check_objectives, check_resources
 from raypo.search.interrupt import Interrupted, Interrupts, resume_command
+from raypo.search.reach import StorageUnreachable, check_storage
 from raypo.search.recorder import ReportRecorder
 from raypo.search.space import SearchSpace, SpaceError
-from raypo.search.storage import atomic_filesystem
 from raypo.search.trial import search_trial
+from raypo.storage import location
 from raypo.train.config import TrainConfig
-
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
-STORAGE = atomic_filesystem()  # Tune's state: a full disk leaves the last whole one
 
 
 def _log(message: str) -> None:
@@ -93,14 +101,12 @@ def _ranked_losses(space: SearchSpace) -> set[str]:
     return {n for n in names if LOSSES.get_class(n).selection_params}
 
 
-def selection_evidence(space: SearchSpace, directory: Path, log=_log):
+def selection_evidence(space: SearchSpace, directory, log=_log):
     """selection.parquet: the metrics and the predicted rank of each kernel-divergence pair;
     returns {(kernel, divergence): rank}."""
-    import pandas as pd
-
     path = directory / "selection.parquet"
     if path.is_file():
-        table = pd.read_parquet(path)
+        table = read_table(path)
     else:
         from raypo.search.evidence import selection_table
 
@@ -206,40 +212,6 @@ def _scheduler(space: SearchSpace):
     return FIFOScheduler()
 
 
-def _resources(space: SearchSpace):
-    from ray import tune
-
-    r = space.settings.resources
-    if r.workers > 1:
-        # the trial only drives a TorchTrainer whose workers hold the CPUs/GPUs; a custom
-        # resource caps how many drivers run at once (a CPU count of 0 is refused)
-        return tune.PlacementGroupFactory([{"TRAIN_DRIVER": 1}])
-    return {"cpu": r.cpus, "gpu": r.gpus}
-
-
-def _start_ray(space: SearchSpace, address: str | None) -> None:
-    import ray
-
-    os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
-    # Tune's result.json per trial: how a resumed search finds trials that ended unseen
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
-    # each trial checkpoints at every evaluation, so Tune snapshots its state often and warns
-    # at every one; the snapshot is small (0.05 s locally), and a slow one still warns
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": {"RAYPO_CACHE": str(cache_root().resolve()),
-                                **{k: os.environ[k] for k in RAY_ENV}}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        # loopback only: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set by the CLI before Ray
-        # is imported) every Ray server of a local instance listens on 127.0.0.1
-        ray.init(address="local", runtime_env=runtime_env, log_to_driver=False,
-                 _node_ip_address="127.0.0.1",
-                 resources={"TRAIN_DRIVER": space.settings.budget.concurrency})
-
-
 def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
     import optuna
     import ray
@@ -261,17 +233,18 @@ def _meta(space: SearchSpace, status: str, started: float, extra: dict) -> dict:
             **extra}
 
 
-def shared_work(space: SearchSpace, directory: Path, log=_log) -> dict:
+def shared_work(space: SearchSpace, directory, log=_log) -> dict:
     """Caches, then selection evidence; returns the predicted ranks of the pairs."""
     reported: set[str] = set()
     warm_caches(space, log=log, reported=reported)
     check_objectives(space, reported)  # before any trial: a misspelt metric is an error
+    publish_used(log)  # what this node had from earlier searches, for every other node
     if space.settings.selection.enabled and _ranked_losses(space):
         return selection_evidence(space, directory, log=log)
     return {}
 
 
-def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
+def _remote_shared_work(space: SearchSpace, directory, log) -> dict:
     """`shared_work` on a node with a trial's GPUs (a Ray task); its errors re-raised here."""
     import ray
 
@@ -285,23 +258,22 @@ def _remote_shared_work(space: SearchSpace, directory: Path, log) -> dict:
 
 
 def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: str | None
-               = None, resume: bool = False, confirm: bool | None = None, log=_log) -> Path:
-    """Run (or resume) the search, then its confirmation stage when the space has one (or
-    `confirm` is True; False skips it); returns the report folder. Raises Interrupted after
-    SIGINT/SIGTERM (the unfinished trials recorded as interrupted, search.json incomplete)
-    and ReportWriteError when the report cannot be written (the tables as they were)."""
-    with Interrupts() as interrupts:
-        return _run_search(space, reports=reports, address=address, resume=resume,
-                           confirm=confirm, log=log, interrupts=interrupts)
-
-
-def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, interrupts
-                ) -> Path:
-    from ray import tune
-
-    directory = (Path(reports) / space.name).resolve()
-    tune_dir = directory / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir), storage_filesystem=STORAGE):
+               = None, resume: bool = False, log=_log, interrupts: Interrupts | None = None):
+    """Run (or resume) the search; returns the report folder (a Path, or a RemotePath on
+    object storage) and whether the search finished. Raises Interrupted after SIGINT/SIGTERM
+    (the unfinished trials recorded as interrupted, search.json incomplete), ReportWriteError
+    when the report cannot be written (the tables as they were) and StorageUnreachable when a
+    node cannot reach the report's storage."""
+    if interrupts is None:
+        with Interrupts() as own:
+            return run_search(space, reports=reports, address=address, resume=resume,
+                              log=log, interrupts=own)
+    root = location(reports)
+    directory = root / space.name if not isinstance(root, Path) else (
+        root / space.name).resolve()
+    experiment = directory / "tune"
+    tuning.use_cache_storage(root)  # caches computed here go to the storage for every node
+    if resume and not tuning.can_restore(experiment):
         raise SpaceError(f"{directory}: no interrupted search to resume there")
     if not resume and (directory / "trials.parquet").exists():
         raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
@@ -311,13 +283,11 @@ def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, i
         f"{len(space.params)} searched parameters, report in {directory}")
     gpus = space.settings.resources.gpus
     if gpus:
-        _start_ray(space, address)
-        _check_cluster(space, address, log)
+        _start_cluster(space, address, root, directory, log)
         ranks = _remote_shared_work(space, directory, log)
     else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
         ranks = shared_work(space, directory, log)
-        _start_ray(space, address)
-        _check_cluster(space, address, log)
+        _start_cluster(space, address, root, directory, log)
     import ray
 
     resources = ray.cluster_resources()
@@ -325,25 +295,24 @@ def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, i
         raise SpaceError(f"{space.source}: resources.workers > 1 needs a TRAIN_DRIVER "
                          "resource on the cluster (see cluster.yaml)")
     extra = {"address": address or "local", "cluster_resources": resources,
-             "cache": str(cache_root().resolve()),
-             "resume": resume_command(space, Path(reports), address)}
+             "cache": str(cache_root().resolve()), "storage": str(directory),
+             "resume": resume_command(space, reports, address)}
     write_json_atomic(directory / "search.json", _meta(space, "running", started, extra))
     recorder = ReportRecorder(str(directory), space.name, space, ranks,
                               total=space.settings.budget.trials)
-    trainable = tune.with_resources(
-        tune.with_parameters(search_trial, space=space, report_dir=str(directory)),
-        _resources(space))
+    trainable = tune_trainable(space, directory)
     if resume:
-        log(f"resuming {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
-                                   storage_filesystem=STORAGE)
+        log(f"resuming {experiment}")
+        tuner = tuning.restore_tuner(experiment, trainable, space)
     else:
         tuner = _tuner(space, trainable, recorder, directory, ranks)
     with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
         results = tuner.fit()
-    # a full disk, a folder gone read-only: the recorder (Tune's copy of it, after a resume)
-    # stopped the fit like Ctrl-C
+    # a full disk, a folder gone read-only, a node that cannot reach the storage: the
+    # recorder (Tune's copy of it, after a resume) stopped the fit like Ctrl-C
     error = interrupts.failure
+    if isinstance(error, StorageUnreachable):
+        raise error
     if error is not None:
         raise ReportWriteError(f"{error}; the search stopped; the tables on disk hold the "
                                f"{len(recorder.writer.trials)} trials recorded before; free "
@@ -365,19 +334,24 @@ def _run_search(space: SearchSpace, *, reports, address, resume, confirm, log, i
     if status == "incomplete":
         log(f"{done} of {planned_trials(space)} trials ended; continue with: "
             f"{extra['resume']}")
-    settings = space.settings.confirm
-    if confirm is None:
-        confirm = settings is not None
-    if confirm and status == "finished":
-        from raypo.search.confirm import run_confirmation
-        from raypo.search.space import Confirm
+    return directory, status == "finished"
 
-        run_confirmation(space, directory, settings or Confirm(), address=address, log=log,
-                         interrupts=interrupts)
-    elif confirm:
-        log(f"confirmation not started: the search is incomplete; after --resume, or on what "
-            f"finished: raypo confirm {directory}")
-    return directory
+
+def tune_trainable(space: SearchSpace, directory):
+    """The search's trainable, given the space and the report folder (its URI on object
+    storage: each trial opens the storage on its own node)."""
+    from ray import tune
+
+    return tune.with_parameters(search_trial, space=space, report_dir=str(directory))
+
+
+def _start_cluster(space: SearchSpace, address: str | None, root, directory, log) -> None:
+    """Ray started or joined, the trial's resources checked against it, and the report folder
+    checked from every node (a trial on a node that cannot reach it would lose its model and
+    checkpoints)."""
+    tuning.start_ray(space, address, root)
+    _check_cluster(space, address, log)
+    check_storage(directory, local=address is None, log=log)
 
 
 def _check_cluster(space: SearchSpace, address: str | None, log) -> None:
@@ -394,7 +368,7 @@ def planned_trials(space: SearchSpace) -> int:
     return trials
 
 
-def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict):
+def _tuner(space: SearchSpace, trainable, recorder, directory, ranks: dict):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -406,18 +380,12 @@ def _tuner(space: SearchSpace, trainable, recorder, directory: Path, ranks: dict
                             sampler=_sampler(space), seed=space.settings.sampler.seed,
                             points_to_evaluate=points or None)
     budget = space.settings.budget
-    return tune.Tuner(
-        trainable,
+    return tuning.build_tuner(
+        trainable, space, folder=directory, name="tune", callbacks=[recorder],
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(space),
                                     num_samples=planned_trials(space),
                                     max_concurrent_trials=budget.concurrency,
-                                    time_budget_s=budget.time_limit_s, reuse_actors=True),
-        run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
-                                  storage_filesystem=STORAGE,  # whole files or none
-                                  callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  # a retried trial resumes from its latest checkpoint only
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                    time_budget_s=budget.time_limit_s, reuse_actors=True))
 
 
 def _reconcile(results, recorder: ReportRecorder, interrupted: bool = False) -> None:

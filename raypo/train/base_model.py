@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from raypo.data.builtin import TaskSpec, base_corpus
-from raypo.data.cache import atomic_torch_save, cache_root, hash_json
+from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json
 from raypo.models.tiny import tiny_model
 
 FIT_VERSION = 1
@@ -48,7 +48,7 @@ def fit_base_model(spec: TaskSpec, tokenizer, steps: int = 400, seed: int = 0,
     key = fit_key(spec, steps, seed)
     path = cache_root() / "base_models" / f"{key}.pt"
     model = tiny_model(tokenizer, seed=seed)
-    if path.is_file():
+    if cached(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), key
     corpus = base_corpus(spec, n=steps * batch_size // 4 + 1000)
@@ -71,7 +71,7 @@ def fit_to_pairs(pairs, tokenizer, steps: int, seed: int = 0, batch_size: int = 
                      "v": DATA_FIT_VERSION})[:16]
     path = cache_root() / "base_models" / f"data-{key}.pt"
     say = log or (lambda message: None)
-    if path.is_file():
+    if cached(path):
         say(f"tiny model fitted to the data's responses: read from cache ({path.name})")
         return torch.load(path, weights_only=True)
     say(f"no model given: fitting the tiny built-in model to the {2 * len(pairs)} responses "

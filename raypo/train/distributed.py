@@ -55,7 +55,9 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg, "cache": cache,
-                           "save_to": save and str(save.staging()),
+                           # a report on object storage: rank 0 uploads from its own node
+                           "save_to": save and (getattr(save, "remote_weights", None)
+                                                or str(save.staging())),
                            "merge": bool(save and save.merge)},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
@@ -120,8 +122,20 @@ def _save(setup, wrapped, config: dict, rank: int) -> str | None:
     with full_params(wrapped):
         if rank != 0:
             return None
-        return write_weights(setup.policy, setup.tokenizer, config["save_to"],
-                             merge=config["merge"], base=config["cfg"].model)
+        target = config["save_to"]
+        if "://" not in target:
+            return write_weights(setup.policy, setup.tokenizer, target,
+                                 merge=config["merge"], base=config["cfg"].model)
+        from raypo.storage import location
+
+        local = Path(tempfile.mkdtemp(prefix="raypo-model-"))
+        try:  # the weights only: the trial adds raypo.json, which marks the folder whole
+            fmt = write_weights(setup.policy, setup.tokenizer, local, merge=config["merge"],
+                                base=config["cfg"].model)
+            location(target).upload(local)
+            return fmt
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _wrap(policy: nn.Module, cfg: TrainConfig, device) -> nn.Module:

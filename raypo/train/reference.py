@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raypo.data.cache import atomic_torch_save, cache_root, hash_json
+from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json
 from raypo.losses.batch import TopKLogits
 
 SIDES = ("chosen", "rejected")
@@ -223,7 +223,7 @@ def load_or_compute(key: str, compute) -> tuple[ReferenceOutputs, bool]:
     """The cached outputs under `key`, or `compute()`'s, written atomically. Returns
     (outputs, was_cached)."""
     path = cache_root() / "reference" / f"{key}.pt"
-    if path.is_file():
+    if cached(path):
         return ReferenceOutputs(**torch.load(path, weights_only=True)), True
     ref = compute()
     atomic_torch_save(vars(ref), path)

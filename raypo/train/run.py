@@ -28,11 +28,13 @@ def objective_of(metrics: dict, builtin: bool) -> float | None:
 
 
 def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print,
-              on_eval=None, progress=None, save=None) -> tuple[dict, list[dict]]:
+              on_eval=None, progress=None, save=None, train_storage: str | None = None
+              ) -> tuple[dict, list[dict]]:
     """(result, step rows): the result holds trial_id, status, error, objective and the final
     metrics. A failing run is recorded (status failed, the error) rather than raised, so a
     search goes on. `save` (a raypo.models.save.ModelSave): where the trained policy is
-    written, with the result in its raypo.json, if the run finishes."""
+    written, with the result in its raypo.json, if the run finishes. `train_storage`: where
+    a multi-worker run keeps its Ray Train run and checkpoints (a search's storage)."""
     start = time.perf_counter()
     row = {"trial_id": trial_id}
     history: list[dict] = []
@@ -48,7 +50,7 @@ def run_trial(cfg: TrainConfig, trial_id: str, *, checkpoint_dir=None, log=print
             from raypo.train.distributed import train_distributed  # ray only when needed
 
             metrics = train_distributed(cfg, trial_name=trial_id, on_eval=keep, log=log,
-                                        save=save)
+                                        save=save, storage_path=train_storage)
         else:
             setup = prepare(cfg, log=log)
             device = setup.device
