@@ -42,10 +42,14 @@ class S3Server:
         client = boto3.client("s3", endpoint_url=self.endpoint)
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                   Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
     def uri(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
 
 
 def free_port() -> int:

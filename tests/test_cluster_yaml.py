@@ -95,3 +95,20 @@ def test_docker_images_carry_a_ray_the_project_accepts(prepared):
         image = prepared["docker"][key]
         version = re.match(r"rayproject/ray:([\d.]+)-py311-", image)
         assert version and ray.specifier.contains(version.group(1)), image
+
+
+def test_reports_go_to_one_bucket_that_every_node_type_can_write(raw, prepared):
+    # the bucket is named once (RAYPO_REPORTS, what `raypo search` writes to without --reports)
+    text = (ROOT / "cluster.yaml").read_text()
+    buckets = set(re.findall(r"s3://([\w.-]+)/", text))
+    assert buckets == {"YOUR-BUCKET"}, buckets
+    exports = [c for c in prepared["setup_commands"] if "RAYPO_REPORTS=s3://" in c]
+    assert len(exports) == 1
+    # Ray's own instance profile goes to the head only: each worker type names one
+    workers = {name: t for name, t in prepared["available_node_types"].items()
+               if name != prepared["head_node_type"]}
+    for name, node in workers.items():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    # boto3 (the s3 extra) on every node: the report's lease is a conditional write
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("~/raypo[s3]" in c for c in prepared[key]), key

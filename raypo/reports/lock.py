@@ -1,37 +1,86 @@
-"""One writer per report folder: a lock file held for a search's or a training run's lifetime.
+"""One writer per report folder: a lock held for a search's or a training run's lifetime.
 
     with ReportLock(folder, "search"):   # LockedError if another live run holds it
         ...
 
-The lock is `<folder>/.raypo.lock`, created atomically (written to a temporary file, then
-hard-linked into place, which fails if the lock exists), and holds the owner's host, pid, the
-pid's start time and its command line. It is removed when the `with` block ends, however it
-ends. A lock left by a killed run is stale: on the same host its pid is gone, or now belongs to
-a process that started later (a reused pid); a stale lock is taken over. A lock from another
-host cannot be checked, so it is reported with how to remove it by hand.
+The lock is `<folder>/.raypo.lock`, a JSON record of its holder: host, pid, the pid's start
+time, the command line, when it was taken (`since`) and, as a lease, when it was last renewed
+(`renewed`, epoch seconds) and after how long without a renewal it is gone (`lease_s`). It is
+removed when the `with` block ends, however it ends.
 
-Folders the lock had to create are removed again if the run left nothing in them, so a run
-that fails on bad input leaves no empty report behind.
+`folder` is a local folder (a `pathlib.Path`; one machine, or a network file system several
+hosts mount) or a folder on object storage (a `raypo.storage.RemotePath`):
+
+- Locally the lock is created atomically: written to a temporary file, then hard-linked into
+  place, which fails if a lock exists.
+- On S3 it is created with a conditional write (`If-None-Match: *`), which pyarrow lacks, so
+  it goes through boto3, the `s3` extra (`pip install 'raypo[s3]'`); boto3 finds the endpoint
+  (`AWS_ENDPOINT_URL`), region and credentials itself, raypo keeps none. On Google Cloud
+  Storage the same goes through `google-cloud-storage` (`if_generation_match=0`).
+
+While it is held, a background thread renews the lock every `lease_s / 4` seconds (a whole new
+record; locally a temporary file renamed into place), after checking that the lock is still
+this run's (its random `token`): if it is not, another run took it over, and the renewal stops
+and records that the lock was lost (`ReportLock.lost`).
+
+A lock left by a killed run is stale and is taken over:
+
+- on the same host, when its pid is gone or now belongs to a process that started later (a
+  reused pid), as it always was;
+- from another host (a shared folder, or object storage, where a resumed search may run on a
+  new head with another host name), and on object storage from any holder, when it has not
+  been renewed for its `lease_s`: `now - renewed > lease_s`. Hosts compare their own clock
+  with the holder's, so their clocks must agree to well within the lease (NTP).
+
+The lease, the stated time, is 120 s, or `RAYPO_LOCK_LEASE_S` seconds when that is set: a
+killed run's report can be resumed from another host that long after it died. A lock from
+another host written without a renewal time (an older raypo) cannot be judged, so it is
+reported with how to remove it by hand.
+
+Folders the lock had to create (local ones; object storage has none) are removed again if the
+run left nothing in them, so a run that fails on bad input leaves no empty report behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import secrets
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from raypo.reports.writer import ReportWriteError
+from raypo.storage import RemotePath, StorageError, location
 
 NAME = ".raypo.lock"
+LEASE_S = 120.0  # the default stated time; RAYPO_LOCK_LEASE_S overrides it
+LEASE_ENV = "RAYPO_LOCK_LEASE_S"
+
+log = logging.getLogger(__name__)
 
 
 class LockedError(RuntimeError):
     """Another run writes this report folder."""
+
+
+def lease_seconds() -> float:
+    """The stated time after which a lock that was not renewed is gone."""
+    text = os.environ.get(LEASE_ENV)
+    if text is None or not text.strip():
+        return LEASE_S
+    try:
+        lease = float(text)
+    except ValueError:
+        lease = float("nan")
+    if not lease > 0 or lease == float("inf"):
+        raise LockedError(f"{LEASE_ENV}={text!r}: expected a positive number of seconds")
+    return lease
 
 
 def _start_time(pid: int) -> str | None:
@@ -53,9 +102,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return False
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _lease_of(owner: dict, default: float) -> float:
+    """The holder's stated lease (it renews at its own pace), else ours."""
+    lease = _number(owner.get("lease_s"))
+    return lease if lease is not None and lease > 0 else default
+
+
+def _pid_gone(owner: dict) -> bool:
+    """A lock of this host whose pid is gone or was reused."""
     pid = int(owner.get("pid", -1))
     if pid <= 0 or not _alive(pid):
         return True
@@ -63,17 +121,51 @@ def _stale(owner: dict) -> bool:
     return started is not None and _start_time(pid) not in (None, started)
 
 
-class ReportLock:
-    """The lock on one report folder; `what` (search, train) names the holder's kind."""
+def _leased(owner: dict, remote: bool) -> bool:
+    """Whether the lease, not the pid, tells if this holder is alive."""
+    return remote or owner.get("host") != socket.gethostname()
 
-    def __init__(self, folder: str | Path, what: str):
-        self.folder = Path(folder)
+
+def _stale(owner: dict, remote: bool = False, lease: float = LEASE_S) -> bool:
+    if owner.get("host") == socket.gethostname() and _pid_gone(owner):
+        return True
+    if not _leased(owner, remote):
+        return False
+    renewed = _number(owner.get("renewed"))
+    if renewed is None:  # an older raypo's lock: it cannot be judged
+        return False
+    return time.time() - renewed > _lease_of(owner, lease)
+
+
+def object_key(path: RemotePath) -> tuple[str, str]:
+    """(bucket, key within the bucket) of a file on object storage."""
+    bucket, _, key = path.key.partition("/")
+    return bucket, key
+
+
+class ReportLock:
+    """The lock on one report folder; `what` (search, train) names the holder's kind. `folder`
+    is a local folder or a `RemotePath`; `lease_s` defaults to `lease_seconds()`."""
+
+    def __init__(self, folder: str | Path | RemotePath, what: str,
+                 lease_s: float | None = None):
+        self.folder = location(folder)
         self.what = what
         self.path = self.folder / NAME
+        self.remote = isinstance(self.folder, RemotePath)
+        self.lease_s = lease_s
+        self.lost: str | None = None  # why the lock was lost while held, if it was
         self._created: list[Path] = []
         self._held = False
+        self._store: _Remote | None = None
+        self._record: dict = {}
+        self._mutex = threading.Lock()  # a renewal and the release never overlap
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def _make_folders(self) -> None:
+        if self.remote:  # object storage has no folders to make
+            return
         missing = []
         for parent in (self.folder, *self.folder.parents):
             if parent.exists():
@@ -87,32 +179,57 @@ class ReportLock:
         self._created = missing  # deepest first
 
     def acquire(self) -> ReportLock:
+        if self.lease_s is None:
+            self.lease_s = lease_seconds()
+        if self.remote and self._store is None:
+            self._store = _remote_store(self.folder, self.path)
         self._make_folders()
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started_ticks": _start_time(os.getpid()), "what": self.what,
-              "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "renewed": round(time.time(), 3), "lease_s": self.lease_s,
+              "token": secrets.token_hex(8)}
         for _ in range(5):
+            me["renewed"] = round(time.time(), 3)
             if self._try_create(me):
+                self._record = me
                 self._held = True
+                self.lost = None
+                self._start_renewing()
                 return self
-            owner = self._owner()
+            owner, version = self._owner()
             if owner == "gone":  # released between our attempt and our look
                 continue
-            if owner is None or _stale(owner):
-                self._take_over(owner)
+            if owner is None or _stale(owner, self.remote, self.lease_s):
+                self._take_over(owner, version)
                 continue
             self._forget_folders()
-            where = (f"pid {owner.get('pid')}" if owner.get("host") == me["host"]
-                     else f"pid {owner.get('pid')} on host {owner.get('host')}")
-            raise LockedError(
-                f"{self.folder}: a {owner.get('what', 'run')} already writes this report "
-                f"({where}, since {owner.get('since', '?')}: {owner.get('command', '?')}); "
-                f"wait for it, choose another --name, or remove {self.path} if that run is "
-                "gone")
+            raise LockedError(self._refusal(owner))
         self._forget_folders()
         raise LockedError(f"{self.path}: could not take the lock (it keeps changing)")
 
+    def _refusal(self, owner: dict) -> str:
+        where = (f"pid {owner.get('pid')}" if owner.get("host") == socket.gethostname()
+                 else f"pid {owner.get('pid')} on host {owner.get('host')}")
+        text = (f"{self.folder}: a {owner.get('what', 'run')} already writes this report "
+                f"({where}, since {owner.get('since', '?')}: {owner.get('command', '?')}); ")
+        if not _leased(owner, self.remote):
+            return text + (f"wait for it, choose another --name, or remove {self.path} if that "
+                           "run is gone")
+        renewed = _number(owner.get("renewed"))
+        if renewed is None:
+            return text + ("its lock records no renewal (an older raypo), so it is never "
+                           "considered gone: wait for it, choose another --name, or remove "
+                           f"{self.path} by hand if that run is gone")
+        lease = _lease_of(owner, self.lease_s)
+        return text + (f"its lock was renewed {max(time.time() - renewed, 0):.0f} s ago and is "
+                       f"considered gone {lease:g} s after its last renewal; wait for it, "
+                       f"choose another --name, or remove {self.path} if that run is gone")
+
+    # -- creating, reading, taking over -----------------------------------------------------
     def _try_create(self, me: dict) -> bool:
+        if self._store is not None:
+            return self._store.create(json.dumps(me).encode())
         try:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".raypo.lock.", suffix=".tmp")
         except OSError as e:
@@ -134,18 +251,24 @@ class ReportLock:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def _owner(self) -> dict | str | None:
-        """The holder's record; "gone" if there is no lock any more; None if it cannot be
-        read (the lock is written whole before it appears, so that means damaged)."""
+    def _owner(self) -> tuple[dict | str | None, object]:
+        """(the holder's record, its version on object storage); the record is "gone" if
+        there is no lock any more, None if it cannot be read (the lock is written whole before
+        it appears, so that means damaged)."""
+        if self._store is not None:
+            return self._store.read()
         try:
             owner = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return "gone"
+            return "gone", None
         except (OSError, ValueError):
-            return None
-        return owner if isinstance(owner, dict) else None
+            return None, None
+        return (owner if isinstance(owner, dict) else None), None
 
-    def _take_over(self, stale: dict | None) -> None:
+    def _take_over(self, stale: dict | None, version: object = None) -> None:
+        if self._store is not None:  # only that version of it: not one written since
+            self._store.delete(version)
+            return
         # rename first: of two runs taking over the same stale lock only one renames it;
         # one that renamed a fresh lock instead (another run took over first) puts it back
         aside = self.path.with_name(f"{NAME}.stale.{os.getpid()}")
@@ -163,11 +286,66 @@ class ReportLock:
         with contextlib.suppress(OSError):
             os.unlink(aside)
 
-    def release(self) -> None:
-        if self._held:
+    # -- the lease ---------------------------------------------------------------------------
+    def _start_renewing(self) -> None:
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew_loop, name="raypo-lock-renew",
+                                         daemon=True)
+        self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            with self._mutex:
+                if self._stop.is_set():
+                    return
+                record = {**self._record, "renewed": round(time.time(), 3)}
+                try:
+                    ours = self._renew(record)
+                except Exception as e:  # storage trouble: try again at the next renewal
+                    log.warning("%s: could not renew the lock: %s", self.path, e)
+                    continue
+                if not ours:
+                    self.lost = (f"{self.path}: the lock was taken over or removed by another "
+                                 "run while this one held it")
+                    log.warning("%s", self.lost)
+                    return
+                self._record = record
+
+    def _ours(self, owner) -> bool:
+        return isinstance(owner, dict) and owner.get("token") == self._record.get("token")
+
+    def _renew(self, record: dict) -> bool:
+        """Rewrite the lock with `record` if it is still ours; False if it is not."""
+        owner, version = self._owner()
+        if not self._ours(owner):
+            return False
+        if self._store is not None:
+            return self._store.replace(json.dumps(record).encode(), version)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".raypo.lock.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self.path)
+        finally:
             with contextlib.suppress(OSError):
-                self.path.unlink()
-            self._held = False
+                os.unlink(tmp)
+        return True
+
+    def release(self) -> None:
+        self._stop.set()
+        with self._mutex:  # waits for a renewal in flight
+            if self._held:
+                with contextlib.suppress(Exception):  # best effort: the run's outcome stands
+                    owner, version = self._owner()
+                    if self._ours(owner):
+                        if self._store is not None:
+                            self._store.delete(version)
+                        else:
+                            self.path.unlink()
+                self._held = False
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+            self._renewer = None
         self._forget_folders()
 
     def _forget_folders(self) -> None:
@@ -181,3 +359,158 @@ class ReportLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# -- object storage: conditional writes, which pyarrow's file systems lack ---------------------
+class _Remote:
+    """The lock object on object storage: create(body) only if absent (False if it exists);
+    read() -> (record | "gone" | None, version); replace(body, version) only if still that
+    version (False if not); delete(version) only that version (nothing if it changed)."""
+
+    def __init__(self, path: RemotePath):
+        self.path = path
+
+    def _failed(self, e: Exception) -> ReportWriteError:
+        return ReportWriteError(f"{self.path.parent}: cannot write there: "
+                                f"{' '.join(str(e).split())}")
+
+    @staticmethod
+    def _parse(body: bytes) -> dict | None:
+        try:
+            owner = json.loads(body)
+        except ValueError:
+            return None
+        return owner if isinstance(owner, dict) else None
+
+
+def _remote_store(folder: RemotePath, path: RemotePath) -> _Remote:
+    if folder.scheme == "s3":
+        return _S3(path)
+    if folder.scheme == "gs":
+        return _GCS(path)
+    raise StorageError(f"{folder}: no lock for {folder.scheme}:// storage")
+
+
+class _S3(_Remote):
+    CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    MISSING = ("NoSuchKey", "404", "NotFound")
+
+    def __init__(self, path: RemotePath):
+        super().__init__(path)
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise StorageError(
+                f"{path.parent}: the report is on S3, and one writer per report needs a "
+                "conditional write, which pyarrow does not have: pip install 'raypo[s3]' "
+                "(boto3)") from None
+        self.bucket, self.key = object_key(path)
+        self.ClientError, self.BotoCoreError = ClientError, BotoCoreError
+        try:
+            self.client = boto3.client("s3")  # endpoint, region, credentials: boto3's own
+        except BotoCoreError as e:
+            raise self._failed(e) from None
+        model = self.client.meta.service_model
+        self.put_if_match = "IfMatch" in model.operation_model("PutObject").input_shape.members
+        self.delete_if_match = "IfMatch" in model.operation_model(
+            "DeleteObject").input_shape.members
+
+    def _code(self, e) -> tuple[str, str]:
+        response = getattr(e, "response", {}) or {}
+        status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return response.get("Error", {}).get("Code", ""), status
+
+    def _is(self, e, codes) -> bool:
+        return isinstance(e, self.ClientError) and bool(set(self._code(e)) & set(codes))
+
+    def _put(self, body: bytes, **condition) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                   ContentType="application/json", **condition)
+        except (self.ClientError, self.BotoCoreError) as e:
+            if self._is(e, self.CONFLICT):
+                return False
+            raise self._failed(e) from None
+        return True
+
+    def create(self, body: bytes) -> bool:
+        return self._put(body, IfNoneMatch="*")
+
+    def read(self):
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            body = response["Body"].read()
+        except (self.ClientError, self.BotoCoreError) as e:
+            if self._is(e, self.MISSING):
+                return "gone", None
+            raise self._failed(e) from None
+        return self._parse(body), response.get("ETag")
+
+    def replace(self, body: bytes, version) -> bool:
+        condition = {"IfMatch": version} if version and self.put_if_match else {}
+        return self._put(body, **condition)
+
+    def delete(self, version) -> None:
+        condition = {"IfMatch": version} if version and self.delete_if_match else {}
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, **condition)
+        except (self.ClientError, self.BotoCoreError) as e:
+            if not self._is(e, self.CONFLICT + self.MISSING):
+                raise self._failed(e) from None
+
+
+class _GCS(_Remote):
+    """Google Cloud Storage through google-cloud-storage, with generation preconditions. Not
+    tested here (no emulator in the test set-up): kept to the few calls the lock needs."""
+
+    def __init__(self, path: RemotePath):
+        super().__init__(path)
+        try:
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise StorageError(
+                f"{path.parent}: the report is on Google Cloud Storage, and one writer per "
+                "report needs a conditional write, which pyarrow does not have: pip install "
+                "google-cloud-storage") from None
+        bucket, key = object_key(path)
+        self.errors = exceptions
+        self.bucket = storage.Client().bucket(bucket)
+        self.key = key
+
+    def _put(self, body: bytes, generation: int) -> bool:
+        try:
+            self.bucket.blob(self.key).upload_from_string(
+                body, content_type="application/json", if_generation_match=generation)
+        except self.errors.PreconditionFailed:
+            return False
+        except self.errors.GoogleAPIError as e:
+            raise self._failed(e) from None
+        return True
+
+    def create(self, body: bytes) -> bool:
+        return self._put(body, 0)  # generation 0: only if there is no such object
+
+    def read(self):
+        try:
+            blob = self.bucket.get_blob(self.key)
+            if blob is None:
+                return "gone", None
+            body = blob.download_as_bytes(if_generation_match=blob.generation)
+        except (self.errors.NotFound, self.errors.PreconditionFailed):
+            return "gone", None  # removed or replaced between the two calls: look again
+        except self.errors.GoogleAPIError as e:
+            raise self._failed(e) from None
+        return self._parse(body), blob.generation
+
+    def replace(self, body: bytes, version) -> bool:
+        return self._put(body, version)
+
+    def delete(self, version) -> None:
+        try:
+            self.bucket.blob(self.key).delete(if_generation_match=version)
+        except (self.errors.NotFound, self.errors.PreconditionFailed):
+            pass
+        except self.errors.GoogleAPIError as e:
+            raise self._failed(e) from None

@@ -82,9 +82,22 @@ def clip_grad_norm(model: nn.Module, params: list[nn.Parameter], max_norm: float
     return total
 
 
+def _trainable(policy: nn.Module) -> dict | None:
+    """The trainable parameters by name when some are frozen (LoRA), else None."""
+    params = dict(policy.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return None
+    return {name: p for name, p in params.items() if p.requires_grad}
+
+
 def model_state(model: nn.Module, policy: nn.Module) -> dict:
-    """The policy's full state dict (on rank 0; empty on the other ranks under FSDP)."""
+    """The policy's full state dict (on rank 0; empty on the other ranks under FSDP); with
+    LoRA only the adapter's weights: the frozen base reloads as it was, and a checkpoint of a
+    real model then costs megabytes, not its whole weights."""
     if not is_fsdp(model):
+        trainable = _trainable(policy)
+        if trainable is not None:
+            return {name: p.detach() for name, p in trainable.items()}
         return policy.state_dict()
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 
@@ -97,6 +110,10 @@ def model_state(model: nn.Module, policy: nn.Module) -> dict:
 
 def load_model_state(model: nn.Module, policy: nn.Module, state: dict) -> None:
     if not is_fsdp(model):
+        trainable = _trainable(policy)
+        if trainable is not None and set(state) == set(trainable):  # an adapter's checkpoint
+            policy.load_state_dict(state, strict=False)
+            return
         policy.load_state_dict(state)
         return
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType

@@ -124,8 +124,9 @@ def test_a_trial_with_two_workers_trains_under_ray_train_inside_the_search(ray_s
     rep = reports.load(tmp_path / "reports" / "workers")
     (row,) = rep.trials.itertuples()
     assert row.status == "ok" and 0 <= row.objective <= 1
-    train_runs = list((Path(os.environ["RAYPO_CACHE"]) / "ray_train").iterdir())
-    assert any(row.trial_id in run.name for run in train_runs)  # a TorchTrainer ran it
+    # a TorchTrainer ran it, its run (and checkpoints) under the search's own storage
+    train_runs = list((tmp_path / "reports" / "workers" / "tune" / "ray_train").iterdir())
+    assert any(row.trial_id in run.name for run in train_runs)
     # the evaluations of the Train run reach the report too
     assert sorted(rep.steps["step"]) == [4, 8]
     # rank 0 wrote the trained policy, the driver kept it (keep: best 1 by default)

@@ -54,6 +54,33 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.timeout(120)
+def test_a_lora_checkpoint_holds_the_adapter_not_the_frozen_base_and_restores_it():
+    pytest.importorskip("peft")
+    import torch
+
+    from raypo.models.load import load_policy
+    from raypo.models.tiny import tiny_tokenizer
+    from raypo.train.parallel import load_model_state, model_state
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    policy = load_policy(None, tokenizer=tiny_tokenizer(), seed=1, lora=lora)
+    saved = {k: v.clone() for k, v in model_state(policy, policy).items()}
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and all("lora_" in n for n in saved)
+    frozen = sum(p.numel() for p in policy.parameters() if not p.requires_grad)
+    assert sum(t.numel() for t in saved.values()) < frozen / 4
+    base = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    with torch.no_grad():  # training moves the adapters; the checkpoint brings them back
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    load_model_state(policy, policy, saved)
+    for name, p in policy.named_parameters():
+        expected = saved[name] if p.requires_grad else base[name]
+        assert torch.equal(p, expected), name
+
+
 @pytest.mark.slow
 def test_dpo_learns_the_graded_task():
     cfg = load_config("search_spaces/builtin_dpo.yaml")
