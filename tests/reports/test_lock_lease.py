@@ -25,25 +25,9 @@ AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
 
 
 @pytest.fixture(scope="module")
-def bucket():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    old = {key: os.environ.get(key) for key in AWS_ENV}
-    for key in AWS_ENV:
-        os.environ.pop(key, None)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    try:
-        boto3.client("s3").create_bucket(Bucket="raypo-reports")
-        yield "raypo-reports"
-    finally:
-        server.stop()
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def bucket(s3_server):
+    """The session's local S3 server (tests/conftest.py), its bucket."""
+    return s3_server.bucket
 
 
 class Local:
