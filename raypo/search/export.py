@@ -103,11 +103,11 @@ def _not_kept(report: Path, rep, row) -> str:
 
 def _copy(source, target: Path, merge: bool, extra: dict) -> Path:
     staging = staging_beside(target)
+    local = staging.with_name(staging.name + "-download")  # a remote adapter, for peft
     try:
         meta = read_meta(source)
         if merge and meta.get("format") == "lora":
             if is_remote(source):  # peft reads a local folder
-                local = staging.with_name(staging.name + "-download")
                 source.download(local)
                 source = local
             _merge_adapter(source, staging)
@@ -121,8 +121,9 @@ def _copy(source, target: Path, merge: bool, extra: dict) -> Path:
         write_meta(staging, {**meta, "exported_from": extra})
         return publish(staging, target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, local):
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _merge_adapter(source: Path, out: Path) -> None:

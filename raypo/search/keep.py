@@ -66,6 +66,7 @@ class UploadedSave:
         self.target = target
         self.directory = target
         self.remote_weights = str(target)
+        self._uploaded_by_worker = False  # a Ray Train rank 0 sent the weights itself
         self._local = ModelSave(Path(tempfile.mkdtemp(prefix="raypo-model-")) / "model",
                                 meta=meta)
 
@@ -85,7 +86,7 @@ class UploadedSave:
     def finish(self, cfg, row: dict):
         local = self._local
         try:
-            if getattr(self, "_uploaded_by_worker", False):
+            if self._uploaded_by_worker:
                 fmt = local._format
                 local.discard()
                 if row.get("status") != "ok" or fmt is None:

@@ -269,8 +269,7 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
             return run_search(space, reports=reports, address=address, resume=resume,
                               log=log, interrupts=own)
     root = location(reports)
-    directory = root / space.name if not isinstance(root, Path) else (
-        root / space.name).resolve()
+    directory = (root / space.name).resolve()  # a RemotePath resolves to itself
     experiment = directory / "tune"
     tuning.use_cache_storage(root)  # caches computed here go to the storage for every node
     if resume and not tuning.can_restore(experiment):
