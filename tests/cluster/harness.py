@@ -154,12 +154,17 @@ def run_in_fresh_host(cmd: Sequence[str], env: dict[str, str],
     """Run `cmd` as on another machine: own mount and UTS namespaces, a tmpfs over each of
     `private_dirs` (created on the host first), host name `hostname`; output captured as text.
     For a driver of a `Cluster`, pass `cluster.command([...])` as `cmd`."""
+    return subprocess.run(fresh_host_command(cmd, private_dirs, hostname), env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def fresh_host_command(cmd: Sequence[str], private_dirs: Sequence[str | Path] = (),
+                       hostname: str = "fresh-host") -> list[str]:
+    """The argv that runs `cmd` as `run_in_fresh_host` does (for a Popen the test kills)."""
     for d in private_dirs:
         Path(d).mkdir(parents=True, exist_ok=True)
     script = _tmpfs_script(private_dirs, then=f"hostname {shlex.quote(hostname)}")
-    return subprocess.run(["unshare", "-m", "-u", "--propagation", "private",
-                           "sh", "-c", script, "sh", *cmd],
-                          env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
 
 
 # --- a TCP relay into a network namespace -------------------------------------------------------

@@ -3,12 +3,16 @@ a head with 0 CPUs, two one-CPU worker nodes, each with a private tmpfs over the
 folder and the cache, all in a network namespace with loopback alone), with the report on a
 local S3 server. What a user gets on a GPU cluster: models kept, caches computed once, a lost
 node costing one checkpoint interval, a local report folder refused before any trial, and a
-search resumed by a fresh driver from the storage alone."""
+search whose driver died resumed by a fresh driver (empty disk, another host name) from the
+storage alone. (The driver runs in its own mount and UTS namespaces, as on another machine;
+the Ray head stays the same.)"""
 
 from __future__ import annotations
 
 import collections
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +22,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.cluster.harness import Cluster, require_namespaces, run_in_fresh_host
+from tests.cluster.harness import (
+    Cluster,
+    fresh_host_command,
+    require_namespaces,
+    run_in_fresh_host,
+)
 
 TASK = {"task": {"variant": "graded", "train_pairs": 64, "eval_pairs": 16, "base_steps": 20},
         "batch_size": 8, "eval_samples": 8, "warmup_steps": 2, "seed": 0,
@@ -30,6 +39,10 @@ SEARCH = {"name": "mn", **TASK, "steps": 8, "eval_every": 4,
 # (b): one long trial with adaptive loss state, killed with its node (as test_preemption)
 KILLED = {"name": "mnkill", **TASK, "steps": 40, "eval_every": 4, "loss": "beta_dpo",
           "keep": 0, "budget": {"trials": 1, "concurrency": 1}}
+# (d): a search whose driver is killed, resumed by a fresh driver from the bucket alone
+RESUMED = {"name": "mnresume", **TASK, "steps": 24, "eval_every": 4, "keep": 1,
+           "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+           "budget": {"trials": 4, "concurrency": 2}}
 RAYPO = [sys.executable, "-m", "raypo"]
 
 
@@ -98,6 +111,12 @@ def test_searches_on_a_cluster_without_shared_disks(s3_server, tmp_path):
         assert counts and set(counts.values()) == {1}, counts  # each cache once, anywhere
         assert all(c.startswith(("base_models/", "tokenized/", "reference/")) for c in counts)
         assert any(k.startswith("cluster/.raypo-cache/") for k in s3_server.keys("cluster/"))
+        # the disks are private: the host saw nothing; each worker downloaded the caches into
+        # its own (a node that cannot see the head's files, as (c) showed)
+        assert list(reports.iterdir()) == [] and list(cache.iterdir()) == []
+        for k in (1, 2):
+            for name in counts:
+                assert cluster.read_private(k, cache / name), (k, name)
         out = tmp_path / "exported"
         export = subprocess.run([*RAYPO, "export", f"{root}/mn", out], env=driver_env,
                                 capture_output=True, text=True, timeout=120)
@@ -136,11 +155,51 @@ def test_searches_on_a_cluster_without_shared_disks(s3_server, tmp_path):
             assert row[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
         print(f"killed node {killed}; resumed from step {row['resumed_from_step']}")
 
+        # (d) the driver dies mid-search; a laptop reads the partial report from the bucket;
+        # a fresh driver (empty disk, another host name) resumes it from the storage alone
+        first = subprocess.Popen(
+            fresh_host_command(cluster.command([*RAYPO, "search", str(write(tmp_path, RESUMED)),
+                                                "--reports", root, "--address",
+                                                cluster.address]), (reports, cache), "head"),
+            env=driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        deadline = time.time() + 300
+        while (time.time() < deadline and first.poll() is None
+               and "cluster/mnresume/trials.parquet" not in s3_server.keys("cluster/mnresume/")):
+            time.sleep(0.2)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        partial = _table(f"{root}/mnresume")
+        assert 1 <= len(partial) < RESUMED["budget"]["trials"], partial
+        shown = subprocess.run([*RAYPO, "select", f"{root}/mnresume"], env=driver_env,
+                               capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        time.sleep(7)  # the killed driver's lease (RAYPO_LOCK_LEASE_S=6) runs out
+        resumed = driver(["search", write(tmp_path, RESUMED), "--reports", root, "--address",
+                          cluster.address, "--resume"], host="new-head")
+        assert resumed.returncode == 0, f"{resumed.stderr[-4000:]}\n{cluster.logs()[-3000:]}"
+        report = reports_load(f"{root}/mnresume")
+        assert report.status == "finished"
+        trials = report.trials
+        assert len(trials) == RESUMED["budget"]["trials"] and trials["trial_id"].is_unique
+        assert set(trials["status"]) == {"ok"}, trials[["trial_id", "status", "error"]]
+        # the rows written before the kill are unchanged
+        before = partial.set_index("trial_id")
+        after = trials.set_index("trial_id").loc[before.index]
+        assert after["objective"].tolist() == before["objective"].tolist()
+        (kept,) = trials["model_path"].dropna()
+        assert f"cluster/mnresume/{kept}/raypo.json" in s3_server.keys("cluster/mnresume/")
 
-def _table(folder: str) -> pd.DataFrame:
+
+def reports_load(folder: str):
     import raypo.reports as reports
 
-    return reports.load(folder).trials
+    return reports.load(folder)
+
+
+def _table(folder: str) -> pd.DataFrame:
+    return reports_load(folder).trials
 
 
 def _straight(tmp_path: Path, space: dict) -> dict:
