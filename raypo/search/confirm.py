@@ -320,7 +320,7 @@ def _keep_best_finalist(space: SearchSpace, directory, plan: Plan, stats: pd.Dat
     `keep: all`, every finalist's every seed); the other finalists' models go, and
     confirm.parquet's `model_path` says which is kept."""
     from raypo.reports.writer import ReportWriter
-    from raypo.search.keep import finalist_keeper
+    from raypo.search.keep import finalist_keeper, forget_missing
 
     best = best_finalist(stats, plan.mode)
     writer = ReportWriter(directory, search=space.name, table="confirm")
@@ -333,6 +333,7 @@ def _keep_best_finalist(space: SearchSpace, directory, plan: Plan, stats: pd.Dat
         elif space.settings.keep.count is not None:
             for run_id in keeper.drop_all():
                 writer.update_trial(run_id, model_path=None)
+    forget_missing(writer)
     if best is None or not kept:
         return {"model_path": None}
     sign = 1.0 if plan.mode == "max" else -1.0

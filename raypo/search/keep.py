@@ -218,6 +218,18 @@ class ModelKeeper:
         return max(orders, default=0) + 1
 
 
+def forget_missing(writer) -> None:
+    """Rows whose `model_path` names no saved model any more get it null, so the table says
+    what is there: a driver killed between removing a model another pushed out and writing
+    that model's row leaves such a row, and the resumed stage mends it at its end."""
+    trials = writer.trials
+    if trials.empty or "model_path" not in trials:
+        return
+    for run_id, path in zip(trials["trial_id"], trials["model_path"], strict=True):
+        if isinstance(path, str) and path and not is_saved_model(writer.directory / path):
+            writer.update_trial(run_id, model_path=None)
+
+
 def finalist_keeper(report_dir: str | Path, config_id: str, keep: int | None, mode: str,
                     metric: str) -> ModelKeeper:
     """The keeper of one confirmation finalist's runs (its own group): its best seed's model,

@@ -42,6 +42,7 @@ from raypo.reports.writer import (
 from raypo.search import tuning
 from raypo.search.checks import check_objectives, check_resources
 from raypo.search.interrupt import Interrupted, Interrupts, resume_command
+from raypo.search.keep import forget_missing
 from raypo.search.reach import StorageUnreachable, check_storage
 from raypo.search.recorder import ReportRecorder
 from raypo.search.space import SearchSpace, SpaceError
@@ -317,6 +318,7 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
                                f"{len(recorder.writer.trials)} trials recorded before; free "
                                f"space, then continue with: {extra['resume']}", error.errno)
     _reconcile(results, recorder, interrupted=interrupts.signum is not None)
+    forget_missing(recorder.writer)  # rows of models a killed driver removed (resume)
     # interrupted, or the time limit: say so, and how to go on
     trials = recorder.writer.trials
     done = int((trials["status"] != "interrupted").sum()) if len(trials) else 0

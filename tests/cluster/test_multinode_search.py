@@ -37,10 +37,10 @@ SEARCH = {"name": "mn", **TASK, "steps": 8, "eval_every": 4,
           "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "keep": 2,
           "budget": {"trials": 6, "concurrency": 2}}
 # (b): one long trial with adaptive loss state, killed with its node (as test_preemption)
-KILLED = {"name": "mnkill", **TASK, "steps": 40, "eval_every": 4, "loss": "beta_dpo",
+KILLED = {"name": "mnkill", **TASK, "steps": 24, "eval_every": 4, "loss": "beta_dpo",
           "keep": 0, "budget": {"trials": 1, "concurrency": 1}}
 # (d): a search whose driver is killed, resumed by a fresh driver from the bucket alone
-RESUMED = {"name": "mnresume", **TASK, "steps": 24, "eval_every": 4, "keep": 1,
+RESUMED = {"name": "mnresume", **TASK, "steps": 16, "eval_every": 4, "keep": 1,
            "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
            "budget": {"trials": 4, "concurrency": 2}}
 RAYPO = [sys.executable, "-m", "raypo"]
@@ -117,6 +117,15 @@ def test_searches_on_a_cluster_without_shared_disks(s3_server, tmp_path):
         for k in (1, 2):
             for name in counts:
                 assert cluster.read_private(k, cache / name), (k, name)
+        # a laptop: the page is written in its working directory, never into the bucket;
+        # export downloads the chosen model
+        laptop = tmp_path / "laptop"
+        laptop.mkdir()
+        page = subprocess.run([*RAYPO, "report", f"{root}/mn"], env=driver_env, cwd=laptop,
+                              capture_output=True, text=True, timeout=120)
+        assert page.returncode == 0, page.stderr[-2000:]
+        assert [p.name for p in laptop.iterdir()] == ["mn.html"]
+        assert not [k for k in s3_server.keys("cluster/mn/") if k.endswith(".html")]
         out = tmp_path / "exported"
         export = subprocess.run([*RAYPO, "export", f"{root}/mn", out], env=driver_env,
                                 capture_output=True, text=True, timeout=120)

@@ -47,6 +47,26 @@ def test_the_keeper_keeps_the_best_in_the_objectives_direction_and_drops_the_res
     assert again.offer("g", 0.9) == {"g": "models/g", "e": None}
 
 
+@pytest.mark.timeout(60)
+def test_a_row_whose_model_a_killed_driver_removed_gets_model_path_null(tmp_path):
+    # the driver died after a better trial pushed "a" out of models/ and before a's row said
+    # so: the end of the resumed stage makes the table say what is on disk
+    from raypo.reports.writer import ReportWriter
+    from raypo.search.keep import forget_missing
+
+    keeper = ModelKeeper(tmp_path, best=1, mode="max", metric="true_reward")
+    writer = ReportWriter(tmp_path, search="s")
+    for run_id, objective in (("a", 0.5), ("b", 0.7)):
+        stage(tmp_path, run_id)
+        path = keeper.offer(run_id, objective)[run_id]
+        writer.write_trial({"trial_id": run_id, "status": "ok", "model_path": path})
+    forget_missing(writer)
+    assert dict(zip(writer.trials["trial_id"], writer.trials["model_path"], strict=True)) == {
+        "a": None, "b": "models/b"}
+    on_disk = pd.read_parquet(tmp_path / "trials.parquet")["model_path"]
+    assert on_disk.isna().tolist() == [True, False] and on_disk[1] == "models/b"
+
+
 def test_min_mode_all_none_and_groups(tmp_path):
     low = ModelKeeper(tmp_path / "min", best=1, mode="min", metric="kl")
     for run_id, objective in (("a", 0.3), ("b", 0.1), ("c", 0.2)):

@@ -84,41 +84,5 @@ def test_an_unknown_scheme_for_reports_exits_2_naming_it(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [space]  # no folder named "ftp:" or anything else
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_search_on_s3_keeps_its_model_and_caches_in_the_bucket(ray_session, s3_server,
-                                                                  tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory but the page
-    space = tmp_path / "remote.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "remote", "task": {"variant": "graded", "train_pairs": 64, "eval_pairs": 16,
-                                   "base_steps": 20},
-        "steps": 8, "batch_size": 8, "eval_every": 4, "eval_samples": 8, "warmup_steps": 2,
-        "seed": 0, "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
-        "selection": {"enabled": False}, "keep": 1,
-        "budget": {"trials": 2, "concurrency": 2}}))
-    root = s3_server.uri("searches")
-    result = cli("search", space, "--reports", root, "--no-confirm")
-    assert result.exit_code == 0, result.output
-    keys = s3_server.keys("searches/")
-    folder = f"{root}/remote"
-    report = reports.load(folder)
-    trials = report.trials
-    assert len(trials) == 2 and set(trials["status"]) == {"ok"}, trials
-    (kept,) = trials["model_path"].dropna()
-    assert kept == f"models/{report.best()['trial_id']}"  # relative to the report
-    assert f"searches/remote/{kept}/raypo.json" in keys
-    assert not [k for k in keys if "/models/.staging/" in k]  # the staged ones are gone
-    assert any(k.startswith("searches/remote/tune/") for k in keys)  # Tune's state
-    assert any(k.startswith("searches/.raypo-cache/base_models/") for k in keys)
-    assert list(tmp_path.iterdir()) == [space]
-    # a laptop: the page is written here, not into the bucket; export downloads the model
-    result = cli("report", folder)
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "remote.html").is_file()
-    assert "searches/remote/report.html" not in s3_server.keys("searches/")
-    result = cli("export", folder, tmp_path / "out")
-    assert result.exit_code == 0, result.output
-    from transformers import AutoModelForCausalLM
-
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+# A whole search on S3 (kept models, caches, `raypo report` and `export` from the bucket):
+# tests/cluster/test_multinode_search.py, on a cluster whose nodes share no disk.
