@@ -139,6 +139,15 @@ class TrainConfig(_Strict):
     # policy | reference | encoder:<sentence-transformers model>, for the kernel losses
     embedding_source: str = "policy"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # response tokens whose vocabulary logits are computed at once: log-probs (and what the
+    # losses read from the distributions) are taken a chunk at a time and the chunk's logits
+    # recomputed in the backward pass, so no tokens x vocabulary tensor outlives its chunk
+    logits_chunk: int = Field(512, ge=1, le=1_000_000)
+    # Hugging Face's gradient checkpointing (non-reentrant): activations recomputed in backward
+    gradient_checkpointing: bool = False
+    # heavy-tailed self-regularization metrics at the end of a run: off, the transformer
+    # blocks' weight matrices (layers), or every 2-D weight including embeddings and head (all)
+    htsr: Literal["off", "layers", "all"] = "layers"
     device: str = "auto"
     num_workers: int = Field(1, ge=1, le=10_000)
     use_gpu: bool = False
