@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -46,8 +46,29 @@ class TopKLogits(NamedTuple):
         """The positions where the boolean `mask` (shape of the leading dims) is true."""
         return TopKLogits(self.values[mask], self.indices[mask], self.log_normalizer[mask])
 
+    def take(self, index) -> TopKLogits:
+        """Positions `index` of the leading dimension (a slice of a flat (N, k) form)."""
+        return TopKLogits(self.values[index], self.indices[index], self.log_normalizer[index])
+
+    @classmethod
+    def cat(cls, parts: list[TopKLogits]) -> TopKLogits:
+        return cls(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
 
 Logits = Tensor | TopKLogits
+
+
+class TokenTerm(Protocol):
+    """A per-position function of the next-token distributions: `(policy_logits (..., V)
+    float32, reference (..., V) logits or TopKLogits or None, labels (...), mask (...))` to
+    values (...). A loss that reads per-position distributions declares its terms
+    (`token_terms()`); the trainer evaluates them a chunk of positions at a time inside the
+    chunked log-prob computation (raypo.train.forward), so no (B, T, V) tensor is ever
+    whole, and hands the loss `*_token_terms`; given full logits instead, the loss evaluates
+    the same function on them (raypo.losses.token.token_values)."""
+
+    def __call__(self, policy_logits: Tensor, ref_logits: Logits | None, labels: Tensor,
+                 mask: Tensor) -> Tensor: ...
 
 # The sequence-level fields every reference-based loss reads.
 SEQUENCE_FIELDS = frozenset(
@@ -72,6 +93,9 @@ LOGIT_FIELDS = frozenset(
     {"policy_chosen_logits", "policy_rejected_logits", "ref_chosen_logits", "ref_rejected_logits"}
 )
 EMBEDDING_FIELDS = frozenset({"prompt_embeddings", "chosen_embeddings", "rejected_embeddings"})
+# The per-position terms a loss declares, evaluated in chunks by the trainer: they stand for
+# the policy's logits (LOGIT_FIELDS' policy half) in a batch that has them.
+TOKEN_TERM_FIELDS = frozenset({"chosen_token_terms", "rejected_token_terms"})
 
 _FIELD_HELP = {
     "policy_chosen_logps": "(B,) policy log-prob of the chosen response, summed over its tokens",
@@ -98,6 +122,10 @@ _FIELD_HELP = {
     "ref_rejected_logits": "(B, T, V) reference logits (or TopKLogits) at rejected positions",
     "ref_chosen_hidden": "(B, T, H) reference last hidden states at chosen positions",
     "ref_rejected_hidden": "(B, T, H) reference last hidden states at rejected positions",
+    "chosen_token_terms": "name -> (B, T): the loss's per-position terms (TokenTerm) at the "
+                          "chosen response positions",
+    "rejected_token_terms": "name -> (B, T): the loss's per-position terms at the rejected "
+                            "response positions",
     "prompt_embeddings": "(B, D) embedding of the prompt",
     "chosen_embeddings": "(B, D) embedding of the chosen response",
     "rejected_embeddings": "(B, D) embedding of the rejected response",
@@ -130,6 +158,8 @@ class PreferenceBatch:
     ref_rejected_logits: Logits | None = None
     ref_chosen_hidden: Tensor | None = None
     ref_rejected_hidden: Tensor | None = None
+    chosen_token_terms: dict[str, Tensor] | None = None
+    rejected_token_terms: dict[str, Tensor] | None = None
     prompt_embeddings: Tensor | None = None
     chosen_embeddings: Tensor | None = None
     rejected_embeddings: Tensor | None = None
@@ -144,10 +174,19 @@ class PreferenceBatch:
 
     def check(self, requires: frozenset[str], loss: str) -> None:
         """Raise a ValueError naming every field `loss` needs that this batch lacks."""
-        missing = sorted(n for n in requires if getattr(self, n) is None)
+        missing = sorted(n for n in requires if getattr(self, n) is None
+                         and not self._stands_in(n))
         if missing:
             lines = "\n".join(f"  {n}: {_FIELD_HELP[n]}" for n in missing)
             raise ValueError(f"loss {loss!r} needs batch fields this batch lacks:\n{lines}")
+
+    def _stands_in(self, name: str) -> bool:
+        """A logits field (policy or reference) is not needed when its side's token terms,
+        the only thing read from it, are given."""
+        if name not in LOGIT_FIELDS:
+            return False
+        side = "chosen" if "_chosen_" in name else "rejected"
+        return getattr(self, f"{side}_token_terms") is not None
 
     # The quantities most losses share, computed once here rather than in every loss.
     @property

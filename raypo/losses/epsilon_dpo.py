@@ -17,20 +17,28 @@ from raypo.losses.batch import (
 )
 from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_range
-from raypo.losses.token import label_logps
+from raypo.losses.token import token_values
 
 
-def perturbed_margins(logits: Tensor, ref_logits: Tensor, labels: Tensor, mask: Tensor,
-                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """logp(y) under f, f+ = (1+eps) f - eps f_ref and f- = (1-eps) f + eps f_ref, (B,) each.
+class PerturbedLogps:
+    """log softmax(f + sign eps (f - f_ref))[y_t] per position (a TokenTerm, no gradient):
+    the token log-probs under f (sign 0), f+ = (1+eps) f - eps f_ref (sign +1) or f- (-1).
 
     f+ (f-) is the policy that training with beta/(1+eps) (beta/(1-eps)) would have produced:
     the perturbation reuses the logits already computed, no extra forward pass.
     """
-    delta = logits - ref_logits
-    return (label_logps(logits, labels, mask),
-            label_logps(logits + eps * delta, labels, mask),
-            label_logps(logits - eps * delta, labels, mask))
+
+    def __init__(self, eps: float, sign: int):
+        self.eps, self.sign = eps, sign
+
+    def __call__(self, logits: Tensor, ref_logits: Tensor, labels: Tensor, mask: Tensor
+                 ) -> Tensor:
+        with torch.no_grad():
+            f = logits.float()
+            perturbed = f + self.sign * self.eps * (f - ref_logits.float())
+            token = (perturbed.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                     - torch.logsumexp(perturbed, -1))
+            return token * mask
 
 
 @LOSSES.register("epsilon_dpo")
@@ -56,19 +64,23 @@ class EpsilonDPO(PreferenceLoss):
         super().__init__(beta)
         self.eps = check_range("epsilon_dpo", "eps", eps, 0.0, 1.0, high_open=True)
         self.signs = StepStatistic()
+        self.perturbed = {f"logps_eps{sign:+d}:{self.eps!r}": PerturbedLogps(self.eps, sign)
+                          for sign in (0, 1, -1)}
+
+    def token_terms(self) -> dict:
+        return dict(self.perturbed)
 
     def perturbation_signs(self, batch: PreferenceBatch) -> Tensor:
-        if isinstance(batch.ref_chosen_logits, TopKLogits) or isinstance(
-                batch.ref_rejected_logits, TopKLogits):
+        if batch.chosen_token_terms is None and (  # terms given: computed from full ones
+                isinstance(batch.ref_chosen_logits, TopKLogits)
+                or isinstance(batch.ref_rejected_logits, TopKLogits)):
             raise ValueError("epsilon_dpo needs full-vocabulary reference logits, "
                              "not the top-k form")
         with torch.no_grad():
-            zw, zw_plus, zw_minus = perturbed_margins(
-                batch.policy_chosen_logits.detach(), batch.ref_chosen_logits,
-                batch.chosen_labels, batch.chosen_mask, self.eps)
-            zl, zl_plus, zl_minus = perturbed_margins(
-                batch.policy_rejected_logits.detach(), batch.ref_rejected_logits,
-                batch.rejected_labels, batch.rejected_mask, self.eps)
+            (zw, zl), (zw_plus, zl_plus), (zw_minus, zl_minus) = (
+                (token_values(batch, "chosen", key, term).sum(-1),
+                 token_values(batch, "rejected", key, term).sum(-1))
+                for key, term in self.perturbed.items())
             z, z_plus, z_minus = zw - zl, zw_plus - zl_plus, zw_minus - zl_minus
             up = (z_plus > z) & (z > z_minus)
             down = (z_minus > z) & (z > z_plus)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from raypo.losses.batch import POLICY_SEQUENCE_FIELDS, SEQUENCE_FIELDS, PreferenceBatch
 from raypo.losses.registry import PRIORS, check_positive
 from raypo.losses.sparsepo import SPARSEPO_FIELDS, TokenMaskHead, sparse_terms
-from raypo.losses.tdpo import SEQ_KL_FIELDS, sequential_kls
+from raypo.losses.tdpo import SEQ_KL_FIELDS, ReadsReferenceKL, sequential_kls
 
 
 class Prior(nn.Module):
@@ -71,7 +71,7 @@ class LengthPrior(Prior):
 
 
 @PRIORS.register("tdpo1")
-class TDPO1Prior(Prior):
+class TDPO1Prior(ReadsReferenceKL, Prior):
     """log zeta(y) = ref(y) - SeqKL(y), SeqKL(y) = sum_t KL(Q_t || P_t): gives TDPO1."""
 
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS
@@ -82,7 +82,7 @@ class TDPO1Prior(Prior):
 
 
 @PRIORS.register("tdpo2")
-class TDPO2Prior(Prior):
+class TDPO2Prior(ReadsReferenceKL, Prior):
     """log zeta(y) = ref(y) - alpha SeqKL(y), with a stop-gradient on y_w's SeqKL: TDPO2."""
 
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS
@@ -98,7 +98,7 @@ class TDPO2Prior(Prior):
 
 
 @PRIORS.register("sparsepo")
-class SparsePOPrior(Prior):
+class SparsePOPrior(ReadsReferenceKL, Prior):
     """log zeta(y) = logp(y) - sum_t m_u(t) [logp_t - ref_t] - sum_t m_d(t) KL_t(Q_t || P_t),
     with SparsePO's learned masks (a parameterised prior). The L1 penalty on the masks is the
     loss's (`mi_dpo` adds `l1 * mask mass` for this prior)."""

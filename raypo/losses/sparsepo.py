@@ -7,11 +7,10 @@ from torch import Tensor, nn
 
 from raypo.losses.base import PreferenceLoss, masked_mean, masked_sum, neg_logsigmoid
 from raypo.losses.batch import PreferenceBatch
-from raypo.losses.divergences import divergence
 from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_positive
-from raypo.losses.tdpo import SEQ_KL_FIELDS
-from raypo.losses.token import token_divergence
+from raypo.losses.tdpo import SEQ_KL_FIELDS, ReadsReferenceKL
+from raypo.losses.token import REFERENCE_KL, reference_kl, token_values
 
 SPARSEPO_FIELDS = SEQ_KL_FIELDS | {
     "policy_chosen_token_logps", "policy_rejected_token_logps",
@@ -55,31 +54,29 @@ class TokenMaskHead(nn.Module):
 
 
 def sparse_token_terms(head: TokenMaskHead, token_logps: Tensor, ref_token_logps: Tensor,
-                       ref_logits, policy_logits, hidden: Tensor, mask: Tensor
+                       kl_t: Tensor, hidden: Tensor, mask: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """For one response: sum_t m_u (logp_t - ref_t), sum_t m_d KL_t(Q_t||P_t), and the mean
     mask mass sum(m_u + m_d) / |y| (for the L1 penalty)."""
     m_u, m_d = head(hidden)
     weighted_ratio = masked_sum(m_u * (token_logps - ref_token_logps), mask)
-    kl_t = token_divergence(divergence("kl"), ref_logits, policy_logits, mask)
     weighted_kl = masked_sum(m_d * kl_t, mask)
     return weighted_ratio, weighted_kl, masked_mean(m_u + m_d, mask)
 
 
 def sparse_terms(head: TokenMaskHead, batch: PreferenceBatch):
-    chosen = sparse_token_terms(head, batch.policy_chosen_token_logps,
-                                batch.ref_chosen_token_logps, batch.ref_chosen_logits,
-                                batch.policy_chosen_logits, batch.ref_chosen_hidden,
-                                batch.chosen_mask)
-    rejected = sparse_token_terms(head, batch.policy_rejected_token_logps,
-                                  batch.ref_rejected_token_logps, batch.ref_rejected_logits,
-                                  batch.policy_rejected_logits, batch.ref_rejected_hidden,
-                                  batch.rejected_mask)
-    return chosen, rejected
+    """sparse_token_terms of the chosen and of the rejected response; the per-token KL is a
+    token term (`reference_kl`), computed in chunks by the trainer."""
+    return tuple(
+        sparse_token_terms(head, getattr(batch, f"policy_{side}_token_logps"),
+                           getattr(batch, f"ref_{side}_token_logps"),
+                           token_values(batch, side, REFERENCE_KL, reference_kl),
+                           getattr(batch, f"ref_{side}_hidden"), getattr(batch, f"{side}_mask"))
+        for side in ("chosen", "rejected"))
 
 
 @LOSSES.register("sparsepo")
-class SparsePO(PreferenceLoss):
+class SparsePO(ReadsReferenceKL, PreferenceLoss):
     """SparsePO (arXiv 2410.05102): `-log sigma(u - d) + lambda * mean_t (m_u + m_d)`, with
     u = beta [sum_t m_u (logp_t - ref_t)]_w - beta [...]_l and
     d = beta [sum_t m_d KL_t(Q_t||P_t)]_l - beta [...]_w.

@@ -6,28 +6,30 @@ from torch import Tensor
 
 from raypo.losses.base import PreferenceLoss, neg_logsigmoid
 from raypo.losses.batch import LOGIT_FIELDS, MASK_FIELDS, SEQUENCE_FIELDS, PreferenceBatch
-from raypo.losses.divergences import divergence
 from raypo.losses.modifiers import WEIGHTING
 from raypo.losses.registry import LOSSES, check_positive
-from raypo.losses.token import sequence_divergence
+from raypo.losses.token import REFERENCE_KL, reference_kl, token_values
 
 SEQ_KL_FIELDS = LOGIT_FIELDS | MASK_FIELDS
 
 
 def sequential_kls(batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
     """SeqKL(y) = sum_t KL(Q_t || P_t) (reference to policy) for the chosen and rejected
-    responses, shape (B,) each. The reference logits may be in top-k form."""
-    kl = divergence("kl")
-    return (
-        sequence_divergence(kl, batch.ref_chosen_logits, batch.policy_chosen_logits,
-                            batch.chosen_mask),
-        sequence_divergence(kl, batch.ref_rejected_logits, batch.policy_rejected_logits,
-                            batch.rejected_mask),
-    )
+    responses, shape (B,) each. The reference logits may be in top-k form; the per-token KL
+    is a token term (`reference_kl`), computed in chunks by the trainer."""
+    return tuple(token_values(batch, side, REFERENCE_KL, reference_kl).sum(-1)
+                 for side in ("chosen", "rejected"))
+
+
+class ReadsReferenceKL:
+    """Declares the per-token KL(Q_t || P_t) term (for the trainer's chunked forward)."""
+
+    def token_terms(self) -> dict:
+        return {REFERENCE_KL: reference_kl}
 
 
 @LOSSES.register("tdpo")
-class TDPO(PreferenceLoss):
+class TDPO(ReadsReferenceKL, PreferenceLoss):
     """TDPO (arXiv 2404.11999): `-log sigma(beta * (delta - D))` with a sequential-KL term D.
 
     - version 1: D = SeqKL(y_l) - SeqKL(y_w)

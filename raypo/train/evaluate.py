@@ -8,6 +8,7 @@ import torch
 
 from raypo.data.builtin import eval_prompts, response_text
 from raypo.data.collate import LengthGroupedBatches, collate
+from raypo.train.forward import token_outputs
 from raypo.train.step import preference_batch
 
 
@@ -44,12 +45,16 @@ def _prompt_batch(tokenizer, prompts: list[str], device):
     return ids.to(device), (ids != tokenizer.pad_token_id).long().to(device)
 
 
-def _sequence_logps(model, sequences, attention, prompt_width, gen_mask):
+def _sequence_logps(model, sequences, attention, prompt_width, gen_mask, chunk: int):
+    """Summed log-probs of the generated tokens (those of `gen_mask`), in chunks."""
     positions = (attention.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions,
-                   use_cache=False).logits[:, prompt_width - 1:-1].float()
-    token = torch.log_softmax(logits, -1).gather(-1, sequences[:, prompt_width:, None])[..., 0]
-    return (token * gen_mask).sum(-1)
+    mask = gen_mask.bool()
+    rows, t = mask.nonzero(as_tuple=True)
+    out = token_outputs(model, sequences, rows, prompt_width - 1 + t,
+                        sequences[rows, prompt_width + t], chunk=chunk,
+                        attention_mask=attention, position_ids=positions, use_cache=False)
+    return torch.zeros(mask.shape, device=out.logps.device).masked_scatter(
+        mask, out.logps).sum(-1)
 
 
 @torch.no_grad()
@@ -72,7 +77,8 @@ def sample_and_score(setup, model, n: int, seed: int) -> dict[str, float]:
     attention = torch.cat([attn, gen_mask.long()], dim=1)
     texts = tok.batch_decode(generated, skip_special_tokens=True)
     rewards = [spec.true_reward(response_text(t)) for t in texts]
-    logp = _sequence_logps(model, out, attention, width, gen_mask.float())
-    ref_logp = _sequence_logps(setup.reference_model, out, attention, width, gen_mask.float())
+    chunk = setup.cfg.logits_chunk
+    logp = _sequence_logps(model, out, attention, width, gen_mask, chunk)
+    ref_logp = _sequence_logps(setup.reference_model, out, attention, width, gen_mask, chunk)
     return {"true_reward": sum(rewards) / len(rewards), "kl": float((logp - ref_logp).mean()),
             "response_length": float(gen_mask.sum(-1).float().mean())}

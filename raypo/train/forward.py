@@ -7,24 +7,183 @@ prompt plus the longest response, about 1.6 times the real tokens on data of var
 Each row is shifted left to start at column 0 (right padding only, width = the longest
 sequence, about 1.2 times the real tokens), which a causal model computes exactly as each row
 alone without an attention mask (no real token attends to a later position); the outputs at
-response positions are then gathered back into the aligned layout. Logits are computed only
-from the first column that predicts a response token on (`logits_to_keep`).
+response positions are then gathered back into the aligned layout.
+
+Log-probs in chunks (`token_outputs`): a model's logits at every response position are rows x
+positions x vocabulary, 20 GB in float32 for 64 rows of 512 positions and Qwen's 151,936
+tokens, and a log-softmax makes more copies of that. So the output projection is applied to
+the last hidden states of the real response tokens only, `chunk` tokens at a time, and each
+chunk keeps only what is read from it: the label's log-prob, the loss's per-position terms
+(`TokenTerm`: divergences to the reference, perturbed log-probs), WPO's log sum p^2, the
+reference's top-k. Under autograd each chunk is a non-reentrant checkpoint: its logits are
+freed after the forward and recomputed in the backward pass, so at most one chunk's
+vocabulary-sized tensors are alive at a time (what Liger's fused linear cross-entropy does in
+Triton, here in plain PyTorch for any device).
+
+The projection runs inside the model's own forward: the output head's `forward` is replaced,
+for that one call, by the chunk loop, which returns the chunks' small results as the model's
+"logits". DDP and FSDP therefore see an ordinary forward: FSDP has the root unit's parameters
+(the head's weight) gathered while the chunks are computed and recomputed (the root keeps
+them until its backward ends), and its pre-backward hooks sit on that output, which every
+gradient passes through. A model that transforms its logits after the head (Gemma 2's
+soft-capping) would transform those results: raypo refuses it rather than compute wrong
+log-probs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from raypo.losses.batch import EMBEDDING_FIELDS, LOG_SUM_SQ_FIELDS, LOGIT_FIELDS
+from raypo.losses.batch import (
+    EMBEDDING_FIELDS,
+    LOG_SUM_SQ_FIELDS,
+    LOGIT_FIELDS,
+    TokenTerm,
+    TopKLogits,
+)
 
 TOKEN_LOGP_FIELDS = frozenset({
     "policy_chosen_token_logps", "policy_rejected_token_logps",
     "ref_chosen_token_logps", "ref_rejected_token_logps",
 })
 HIDDEN_FIELDS = frozenset({"ref_chosen_hidden", "ref_rejected_hidden"})
+
+
+DEFAULT_CHUNK = 512  # the config's `logits_chunk` default (raypo.train.config)
+
+
+@dataclass
+class TokenOutputs:
+    """Per target token (flat, N): what `token_outputs` kept of each chunk's logits."""
+
+    logps: Tensor  # (N,) log p(target)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,)
+    log_sum_sq: Tensor | None = None  # (N,) log sum_v p_v^2, no gradient
+    topk: TopKLogits | None = None  # (N, k) log-probs of the k most likely tokens
+    hidden: Tensor | None = None  # (N, H) the last hidden states that predict the targets
+    model_output: object = None  # the model's own output (hidden_states when asked)
+
+
+class LiveReference:
+    """Full-vocabulary reference logits made chunk by chunk: the reference's last hidden
+    states at the target tokens (N, H), projected by its output head a chunk at a time."""
+
+    def __init__(self, hidden: Tensor, head: Callable[[Tensor], Tensor]):
+        self.hidden, self.head = hidden, head
+
+    def take(self, index: slice) -> Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden[index]).float()
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The output projection (`get_output_embeddings()`) of `model`, seen through DDP, FSDP,
+    peft and raypo's Reference wrappers."""
+    seen = model
+    for _ in range(8):
+        get = getattr(seen, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if head is not None:
+            return head
+        seen = getattr(seen, "module", None) or getattr(seen, "model", None)
+        if seen is None:
+            break
+    raise TypeError(f"{type(model).__name__}: no output projection (get_output_embeddings) "
+                    "to compute log-probs through")
+
+
+@contextlib.contextmanager
+def _head_replaced(head: nn.Module, forward):
+    """`head`'s forward is `forward` inside the block (an instance attribute shadowing the
+    class's method; the module tree, its parameters and its hooks stay as they are)."""
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, *,
+                  chunk: int = DEFAULT_CHUNK, terms: dict[str, TokenTerm] | None = None,
+                  reference=None, log_sum_sq: bool = False, topk: int | None = None,
+                  hidden_only: bool = False, **model_kwargs) -> TokenOutputs:
+    """Run `model` on `input_ids` (R, W) and keep, for each target n, what the distribution
+    at row `rows[n]`, column `cols[n]` says about token `targets[n]`, in chunks of `chunk`
+    targets (see the module's docstring). `reference` (for `terms`): the reference's logits
+    at the same targets, a flat (N, k) TopKLogits or (N, V) tensor, or a LiveReference.
+    `hidden_only`: keep the last hidden states at the targets and compute no logits (a
+    reference's run for a LiveReference). `model_kwargs` go to the model's forward."""
+    terms = terms or {}
+    head = output_head(model)
+    width = input_ids.shape[1]
+    extras: dict = {}
+
+    def chunk_values(h: Tensor, part: slice, first_run: list) -> Tensor:
+        logits = project(h).float()
+        log_normalizer = torch.logsumexp(logits, -1)
+        labels = targets[part]
+        values = [logits.gather(-1, labels[:, None])[:, 0] - log_normalizer]
+        if terms:
+            ref = None if reference is None else reference.take(part)
+            ones = torch.ones_like(labels, dtype=logits.dtype)
+            values += [term(logits, ref, labels, ones).to(logits.dtype)
+                       for term in terms.values()]
+        if first_run:  # not again when the backward pass recomputes the chunk
+            first_run.clear()
+            with torch.no_grad():
+                if log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+                    extras.setdefault("log_sum_sq", []).append(
+                        torch.logsumexp(2 * logits, -1) - 2 * log_normalizer)
+                if topk is not None:
+                    extras.setdefault("topk", []).append(TopKLogits.from_logits(logits, topk))
+        return torch.stack(values, -1)
+
+    def chunked(hidden: Tensor) -> Tensor:
+        # a model may pass only its last columns (logits_to_keep) or all of them
+        h = hidden[rows, cols - (width - hidden.shape[1])]  # (N, H)
+        if hidden_only:
+            return h
+        pieces = []
+        for start in range(0, h.shape[0], chunk):
+            part = slice(start, start + chunk)
+            if torch.is_grad_enabled():
+                pieces.append(checkpoint(chunk_values, h[part], part, [True],
+                                         use_reentrant=False))
+            else:
+                pieces.append(chunk_values(h[part], part, [True]))
+        return torch.cat(pieces) if pieces else h.new_zeros(0, 1 + len(terms))
+
+    project = head.forward  # the head's own forward, bound before it is replaced
+    result = {}
+
+    def replaced(hidden):
+        result["out"] = chunked(hidden)
+        return result["out"]
+
+    keep = width - int(cols.min()) if len(cols) else 1
+    with _head_replaced(head, replaced):
+        out = model(input_ids=input_ids, logits_to_keep=keep, **model_kwargs)
+    if out.logits is not result.get("out"):
+        raise NotImplementedError(
+            f"{type(output_head(model)).__name__} of this model: its logits are transformed "
+            "after the output projection (e.g. soft-capping), which raypo's chunked "
+            "log-probs do not support yet")
+    packed = result["out"]
+    if hidden_only:
+        return TokenOutputs(logps=packed.new_zeros(0), hidden=packed, model_output=out)
+    outputs = TokenOutputs(logps=packed[:, 0], model_output=out,
+                           terms={name: packed[:, 1 + k] for k, name in enumerate(terms)})
+    if "log_sum_sq" in extras:
+        outputs.log_sum_sq = torch.cat(extras["log_sum_sq"])
+    if "topk" in extras:
+        outputs.topk = TopKLogits.cat(extras["topk"])
+    return outputs
 
 
 @dataclass
@@ -34,7 +193,7 @@ class ForwardOutput:
     logps: Tensor  # (2B,) summed response log-probs
     token_logps: Tensor  # (2B, T), 0 at padding
     log_sum_sq_probs: Tensor | None = None  # (2B, T) log sum_v p_v^2, no grad, 0 at padding
-    logits: Tensor | None = None  # (2B, T, V) at response positions
+    terms: dict[str, Tensor] = field(default_factory=dict)  # name -> (2B, T), 0 at padding
     hidden: Tensor | None = None  # (2B, T, H) last hidden state at response positions
     response_embeddings: Tensor | None = None  # (2B, H) mean over response tokens
     prompt_embeddings: Tensor | None = None  # (B, H) mean over prompt tokens
@@ -45,45 +204,59 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def sequence_forward(model, batch, *, logits: bool = False, hidden: bool = False,
-                     embeddings: bool = False, log_sum_sq: bool = False) -> ForwardOutput:
+def _aligned(mask: Tensor, flat: Tensor) -> Tensor:
+    """(2B, T) with the flat per-token values (row-major over `mask`) and 0 at padding."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(
+        mask, flat)
+
+
+def sequence_forward(model, batch, *, hidden: bool = False, embeddings: bool = False,
+                     log_sum_sq: bool = False, terms: dict[str, TokenTerm] | None = None,
+                     reference=None, chunk: int = DEFAULT_CHUNK) -> ForwardOutput:
     """Run `model` on a PairBatch. Log-probs are computed in float32 whatever the model's
-    dtype (bf16 log-softmax loses the small differences DPO's margin is made of).
-    `log_sum_sq`: also log sum_v p_v^2 at each response position (WPO's weights), without
-    gradient."""
+    dtype (bf16 log-softmax loses the small differences DPO's margin is made of), in chunks
+    (`token_outputs`). `log_sum_sq`: also log sum_v p_v^2 at each response position (WPO's
+    weights), without gradient. `terms`: per-position TokenTerms, with `reference` the
+    reference's distributions they read: the aligned (2B, T, k) TopKLogits, or the reference
+    model (its full logits, made chunk by chunk)."""
     T, P = batch.labels.shape[1], batch.prompt_length
     device = batch.input_ids.device
     prompt = batch.prompt_mask.sum(-1).long()  # (2B,) each row's prompt length
     width = int(batch.attention_mask.sum(-1).max())
-    first = int(prompt.min())  # the first column whose next token is a response token
     cols = torch.arange(width, device=device)
     # row r's tokens sit at columns P - prompt[r] .. of the aligned layout: shift them to 0
     shifted = batch.input_ids.gather(
         1, ((P - prompt)[:, None] + cols[None, :]).clamp_max(batch.input_ids.shape[1] - 1))
-    need_hidden = hidden or embeddings
-    out = model(input_ids=shifted, logits_to_keep=width - first + 1,
-                output_hidden_states=need_hidden, use_cache=False)
-    t = torch.arange(T, device=device)
-    # column first-1+c of the shifted rows predicts token first+c: response token t of row r
-    # (at column prompt[r] + t) is predicted by kept column prompt[r] - first + t
-    at = ((prompt - first)[:, None] + t[None, :]).clamp_max(out.logits.shape[1] - 1)
-    step_logits = _at(out.logits, at).float()  # padding columns clamped: masked out below
-    # logit(label) - logsumexp: no second (2B, T, V) tensor as log_softmax would make
-    log_normalizer = torch.logsumexp(step_logits, -1)
-    token_logps = (step_logits.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
-                   - log_normalizer) * batch.response_mask
-    result = ForwardOutput(logps=token_logps.sum(-1), token_logps=token_logps,
-                           logits=step_logits if logits else None)
-    if log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+    mask = batch.response_mask.bool()
+    rows, t = mask.nonzero(as_tuple=True)  # row-major: the order _aligned fills
+    at = prompt[rows] - 1 + t  # the column whose output predicts response token t of row r
+    targets = batch.labels[rows, t]
+    if isinstance(reference, TopKLogits):
+        reference = reference.select(mask)
+    elif reference is not None and terms:  # the reference model: its hidden states, no grad
         with torch.no_grad():
-            result.log_sum_sq_probs = ((torch.logsumexp(2 * step_logits, -1)
-                                        - 2 * log_normalizer) * batch.response_mask)
+            ref = token_outputs(reference, shifted, rows, at, targets, hidden_only=True,
+                                use_cache=False)
+        head = output_head(reference)
+        # a LoRA reference is the policy with adapters off: the head's base layer
+        reference = LiveReference(ref.hidden, getattr(head, "base_layer", head))
+    need_hidden = hidden or embeddings
+    out = token_outputs(model, shifted, rows, at, targets, chunk=chunk, terms=terms,
+                        reference=reference, log_sum_sq=log_sum_sq,
+                        output_hidden_states=need_hidden, use_cache=False)
+    token_logps = _aligned(mask, out.logps)
+    result = ForwardOutput(logps=token_logps.sum(-1), token_logps=token_logps,
+                           terms={k: _aligned(mask, v) for k, v in out.terms.items()})
+    if log_sum_sq:
+        result.log_sum_sq_probs = _aligned(mask, out.log_sum_sq)
     if need_hidden:
-        last = out.hidden_states[-1]  # (2B, width, H)
+        last = out.model_output.hidden_states[-1]  # (2B, width, H)
+        t_all = torch.arange(T, device=device)
         if hidden:  # the states that predict the response tokens
-            result.hidden = _at(last, ((prompt - 1)[:, None] + t[None, :]).clamp_max(width - 1))
+            result.hidden = _at(last, ((prompt - 1)[:, None] + t_all[None, :]).clamp_max(
+                width - 1))
         if embeddings:
-            at_response = _at(last, (prompt[:, None] + t[None, :]).clamp_max(width - 1))
+            at_response = _at(last, (prompt[:, None] + t_all[None, :]).clamp_max(width - 1))
             result.response_embeddings = _mean_pool(at_response.float(), batch.response_mask)
             B = batch.labels.shape[0] // 2
             is_prompt = (cols[None, :] < prompt[:B, None]).float()
@@ -97,9 +270,10 @@ def _at(values: Tensor, columns: Tensor) -> Tensor:
 
 
 def outputs_for(requires: frozenset[str]) -> dict[str, bool]:
-    """Which expensive outputs a loss's `requires` asks for (from the policy's forward)."""
+    """Which expensive outputs a loss's `requires` asks for (from the policy's forward);
+    `terms`: it reads the policy's per-position distributions (its token terms)."""
     return {
-        "logits": bool(requires & {"policy_chosen_logits", "policy_rejected_logits"}),
+        "terms": bool(requires & {"policy_chosen_logits", "policy_rejected_logits"}),
         "embeddings": bool(requires & EMBEDDING_FIELDS),
         "token_logps": bool(requires & TOKEN_LOGP_FIELDS),
         "log_sum_sq": bool(requires & LOG_SUM_SQ_FIELDS),

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json
 from raypo.losses.batch import TopKLogits
+from raypo.train.forward import DEFAULT_CHUNK, token_outputs
 
 SIDES = ("chosen", "rejected")
 
@@ -124,7 +125,8 @@ class _Sequences:
 
 def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int | None,
                       hidden: bool, embeddings: bool, device,
-                      tokens_per_batch: int = 8192) -> ReferenceOutputs:
+                      tokens_per_batch: int = 8192, chunk: int = DEFAULT_CHUNK
+                      ) -> ReferenceOutputs:
     """Run `model` (eval mode, no grad) over every pair once; keep what is asked.
 
     Not the training layout (raypo.data.collate): nothing here needs chosen and rejected side
@@ -132,7 +134,9 @@ def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int
     padding comes after every real token, so a causal model's outputs at real positions cannot
     see it and no attention mask is passed, which lets SDPA take its causal fast path; the
     aligned training layout pads every row to the longest prompt plus the longest response,
-    about twice the real tokens on data of varied lengths.
+    about twice the real tokens on data of varied lengths. Log-probs and top-k are taken
+    `chunk` response tokens at a time (raypo.train.forward.token_outputs): no batch x
+    positions x vocabulary tensor.
     """
     model.eval()
     N = len(pairs)
@@ -149,36 +153,30 @@ def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int
             ids = torch.from_numpy(seq.layout(rows, pad_id)).to(device)
             p = torch.from_numpy(seq.prompt[rows]).to(device)
             n = torch.from_numpy(seq.response[rows]).to(device)
-            first = int(p.min())  # the first response column of the batch
-            W = ids.shape[1]
-            # logits only from column first-1 on, the first that predicts a response token
-            out = model(input_ids=ids, logits_to_keep=W - first + 1,
-                        output_hidden_states=hidden or embeddings, use_cache=False)
-            step_logits = out.logits[:, :-1]  # column c predicts ids[:, first + c]
-            targets = ids[:, first:]
-            # log p(target) = logit(target) - logsumexp(logits): no (R, W, V) log-softmax copy
-            all_logps = (step_logits.gather(-1, targets[..., None])[..., 0].float()
-                         - torch.logsumexp(step_logits.float(), -1))
             T = int(n.max())
             t = torch.arange(T, device=device)
             valid = t[None, :] < n[:, None]
-            col = ((p - first)[:, None] + t[None, :]).clamp_max(step_logits.shape[1] - 1)
-            tok = all_logps.gather(1, col) * valid
+            r, at = valid.nonzero(as_tuple=True)  # row-major, as `dest` below
+            # the column whose output predicts response token `at` of row r, and that token
+            out = token_outputs(model, ids, r, p[r] - 1 + at, ids[r, p[r] + at], chunk=chunk,
+                                topk=topk, output_hidden_states=hidden or embeddings,
+                                use_cache=False)
+            W = ids.shape[1]
             rows_t = torch.from_numpy(rows)
-            logps[rows_t] = tok.sum(-1).cpu()
+            logps[rows_t] = torch.zeros(valid.shape, device=device).masked_scatter(
+                valid, out.logps).sum(-1).cpu()
             dest = (offsets[rows_t].to(device)[:, None] + t[None, :])[valid].cpu()
             if token_logps:
-                flat["tok"][dest] = tok[valid].cpu()
+                flat["tok"][dest] = out.logps.cpu()
             if topk is not None:
-                top = TopKLogits.from_logits(step_logits.float(), topk)
-                k = top.values.shape[-1]
-                for name, values in (("val", top.values), ("idx", top.indices.to(torch.int32))):
-                    picked = values.gather(1, col[..., None].expand(-1, -1, k))[valid].cpu()
+                k = out.topk.values.shape[-1]
+                for name, values in (("val", out.topk.values),
+                                     ("idx", out.topk.indices.to(torch.int32))):
                     if name not in flat:
-                        flat[name] = torch.zeros(total, k, dtype=picked.dtype)
-                    flat[name][dest] = picked
+                        flat[name] = torch.zeros(total, k, dtype=values.dtype)
+                    flat[name][dest] = values.cpu()
             if hidden or embeddings:
-                last = out.hidden_states[-1]  # (R, W, H)
+                last = out.model_output.hidden_states[-1]  # (R, W, H)
                 H = last.shape[-1]
                 if hidden:  # the states that predict the response tokens
                     at = (p - 1)[:, None] + t[None, :]

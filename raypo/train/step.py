@@ -1,11 +1,12 @@
-"""From a collated batch to a `PreferenceBatch`: the policy's forward, the cached reference
-outputs, and a live reference forward only for losses that need full reference logits."""
+"""From a collated batch to a `PreferenceBatch`: the policy's forward (with the loss's
+per-position terms computed in chunks), the cached reference outputs, and a live reference for
+losses that need full reference logits."""
 
 from __future__ import annotations
 
-import torch
-
 from raypo.losses import PreferenceBatch
+from raypo.losses.batch import TOKEN_TERM_FIELDS, TopKLogits
+from raypo.losses.token import token_terms
 from raypo.train.forward import outputs_for, sequence_forward
 
 
@@ -15,9 +16,17 @@ def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: 
     want = outputs_for(loss_fn.requires)
     B, T = batch.index.shape[0], batch.labels.shape[1]
     use_policy_emb = want["embeddings"] and embeddings_from_policy
-    out = sequence_forward(policy, batch, logits=want["logits"], embeddings=use_policy_emb,
-                           log_sum_sq=want["log_sum_sq"])
     fields = ref_outputs.fields(batch.index, T, batch.labels.device)
+    terms = token_terms(loss_fn) if want["terms"] else {}
+    if not terms:
+        reference = None
+    elif setup.live_reference_logits:  # full-vocabulary reference logits (see setup.py)
+        reference = setup.reference_model
+    else:  # the cached top-k form, chosen rows then rejected rows as in the batch
+        reference = TopKLogits.cat([fields["ref_chosen_logits"], fields["ref_rejected_logits"]])
+    out = sequence_forward(policy, batch, embeddings=use_policy_emb,
+                           log_sum_sq=want["log_sum_sq"], terms=terms, reference=reference,
+                           chunk=setup.cfg.logits_chunk)
     mask = batch.response_mask
     fields.update(
         policy_chosen_logps=out.logps[:B], policy_rejected_logps=out.logps[B:],
@@ -30,14 +39,12 @@ def preference_batch(setup, batch, policy, ref_outputs, embeddings_from_policy: 
     if out.log_sum_sq_probs is not None:
         fields.update(policy_chosen_log_sum_sq_probs=out.log_sum_sq_probs[:B],
                       policy_rejected_log_sum_sq_probs=out.log_sum_sq_probs[B:])
-    if out.logits is not None:
-        fields.update(policy_chosen_logits=out.logits[:B], policy_rejected_logits=out.logits[B:])
+    if terms:
+        fields.update(chosen_token_terms={k: v[:B] for k, v in out.terms.items()},
+                      rejected_token_terms={k: v[B:] for k, v in out.terms.items()})
     if use_policy_emb:
         fields.update(prompt_embeddings=out.prompt_embeddings,
                       chosen_embeddings=out.response_embeddings[:B],
                       rejected_embeddings=out.response_embeddings[B:])
-    if setup.live_reference_logits:  # full-vocabulary reference logits (see setup.py)
-        with torch.no_grad():
-            ref = sequence_forward(setup.reference_model, batch, logits=True)
-        fields.update(ref_chosen_logits=ref.logits[:B], ref_rejected_logits=ref.logits[B:])
-    return PreferenceBatch(**{k: v for k, v in fields.items() if k in loss_fn.requires})
+    keep = loss_fn.requires | TOKEN_TERM_FIELDS
+    return PreferenceBatch(**{k: v for k, v in fields.items() if k in keep})

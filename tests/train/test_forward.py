@@ -39,8 +39,13 @@ def test_each_row_gets_what_it_gives_alone_from_a_narrower_forward():
                            [[*ids(1 + i), tok.eos_token_id] for i in range(n)], "random")
     batch = collate(pairs, [2, 0, 5, 1, 4, 3], pad_id=tok.pad_token_id)
     wrapped = Widths(model)
-    with torch.no_grad():
-        out = sequence_forward(wrapped, batch, logits=True, hidden=True, embeddings=True)
+
+    def top_logit(logits, ref, labels, mask):  # a TokenTerm: a function of the full logits
+        return logits.max(-1).values * mask
+
+    with torch.no_grad():  # chunks of 5 tokens: several per row, some across two rows
+        out = sequence_forward(wrapped, batch, hidden=True, embeddings=True, chunk=5,
+                               terms={"top": top_logit})
     assert wrapped.widths == [int(batch.attention_mask.sum(-1).max())]
     assert wrapped.widths[0] < batch.input_ids.shape[1]
 
@@ -57,7 +62,8 @@ def test_each_row_gets_what_it_gives_alone_from_a_narrower_forward():
         torch.testing.assert_close(out.token_logps[row, :n_r], want, **close)
         assert not out.token_logps[row, n_r:].any()  # padding contributes nothing
         torch.testing.assert_close(out.logps[row], want.sum(), **close)
-        torch.testing.assert_close(out.logits[row, :n_r], logits, **close)
+        torch.testing.assert_close(out.terms["top"][row, :n_r], logits.max(-1).values, **close)
+        assert not out.terms["top"][row, n_r:].any()
         states = alone.hidden_states[-1][0]
         torch.testing.assert_close(out.hidden[row, :n_r], states[len(p) - 1:-1], **close)
         torch.testing.assert_close(out.response_embeddings[row], states[len(p):].mean(0),

@@ -37,7 +37,7 @@ def test_precompute_matches_the_training_layout_forward(tokens_per_batch):
     index = torch.arange(len(pairs))
     batch = collate(pairs, index.tolist(), tok.pad_token_id)
     with torch.no_grad():
-        want = sequence_forward(model, batch, logits=True, hidden=True, embeddings=True)
+        want = sequence_forward(model, batch, hidden=True, embeddings=True, chunk=7)
     T, B = batch.labels.shape[1], len(pairs)
     got = ref.fields(index, T, "cpu")
     close = {"rtol": 1e-4, "atol": 1e-5}
@@ -48,9 +48,13 @@ def test_precompute_matches_the_training_layout_forward(tokens_per_batch):
                                want.hidden[B:] * batch.response_mask[B:, :, None], **close)
     torch.testing.assert_close(got["chosen_embeddings"], want.response_embeddings[:B], **close)
     torch.testing.assert_close(got["prompt_embeddings"], want.prompt_embeddings, **close)
-    top = TopKLogits.from_logits(want.logits, 5)
     mask = batch.response_mask[:B].bool()
-    torch.testing.assert_close(got["ref_chosen_logits"].values[mask], top.values[:B][mask],
-                               **close)
-    assert torch.equal(got["ref_chosen_logits"].indices[mask], top.indices[:B][mask])
+    for i in range(B):  # the top 5 of each chosen row's own full logits, run alone
+        prompt, response = pairs.prompt_ids[i], pairs.chosen_ids[i]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+        top = TopKLogits.from_logits(logits[len(prompt) - 1:-1], 5)
+        torch.testing.assert_close(got["ref_chosen_logits"].values[i][mask[i]], top.values,
+                                   **close)
+        assert torch.equal(got["ref_chosen_logits"].indices[i][mask[i]], top.indices)
     assert not got["ref_chosen_logps"].is_inference()  # usable in a loss that is backpropagated
