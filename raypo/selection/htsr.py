@@ -26,6 +26,16 @@ a large alpha and a poor fit (large D), because a pure power law cannot end wher
 Marchenko-Pastur bulk ends. Truncating the fit at the largest eigenvalue (`truncated=True`,
 xmax = max(lambda)) lets a bounded power law describe the bulk's edge, and a Gaussian matrix
 then reads alpha of about 1.5 with a good fit: heavy-tailed, which it is not (see the tests).
+
+Which matrices (`weight_matrices`): `cover="layers"` reads the transformer blocks' weight
+matrices only, `cover="all"` every 2-D weight, embeddings and LM head included. A LoRA (peft)
+layer counts as one matrix, its base weight plus the active adapters' update (the weight its
+forward applies); the adapters' own factors lora_A and lora_B are no weight matrices of the
+model. Singular values are computed in float32 (float64 for a float64 weight) on the weight's
+device: alpha then agrees with the float64 one to 1e-4 relative or better, the same xmin
+chosen (the tests compare them), where float64 runs at a small fraction of float32's rate on
+consumer GPUs and is slower on CPUs too. A wide matrix is decomposed as its transpose (tall),
+which LAPACK does several times faster.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import powerlaw
@@ -44,7 +54,10 @@ from torch import nn
 DEFAULT_MIN_DIM = 16
 WELL_TRAINED = (2.0, 6.0)  # the HT-SR band of well-trained layers, both ends included
 
-# Eigenvalues below this fraction of the largest are zero up to rounding (rank-deficient W).
+# Eigenvalues below this fraction of the largest are zero (a rank-deficient W): for a float64
+# SVD, whose rounding is far below it. A float32 SVD rounds each singular value by up to about
+# sqrt(N) * eps32 * s_max (N the larger side; measured: 0.4 to 0.6 of that bound), so there
+# an eigenvalue s^2 / N below N * eps32^2 of the largest is noise, not spectrum (`esd`).
 ZERO_EIGENVALUE = 1e-12
 
 # powerlaw >= 2.0 bounds alpha to (0, 3) by default, which would clip every layer above 3;
@@ -52,34 +65,129 @@ ZERO_EIGENVALUE = 1e-12
 ALPHA_RANGE = {"alpha": [1.0, None]}
 
 
-def layer_alphas(model: nn.Module, min_dim: int = DEFAULT_MIN_DIM, *,
-                 truncated: bool = False) -> list[dict[str, Any]]:
-    """alpha of every 2-D parameter of `model` whose smaller side is at least `min_dim`.
+Cover = Literal["layers", "all"]
+COVERS = ("layers", "all")
 
-    Embeddings and the LM head are included (they are weight matrices too); a tied LM head
-    appears once, under the embedding's name. Returns one dict per matrix, in parameter
-    order: `name`, `shape`, `alpha`, `xmin`, `num_eigs` (nonzero eigenvalues), `num_tail`
-    (eigenvalues >= xmin), `ks_distance` (D of the fit). A matrix whose tail cannot be fitted
-    gets nan in the fit's fields rather than stopping the whole model.
+
+def layer_alphas(model: nn.Module, min_dim: int = DEFAULT_MIN_DIM, *, truncated: bool = False,
+                 cover: Cover = "all", dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+    """alpha of every weight matrix of `model` (`weight_matrices(model, cover)`) whose
+    smaller side is at least `min_dim`, singular values in `dtype` (see `esd`).
+
+    With cover="all" embeddings and the LM head are included (they are weight matrices too);
+    a tied LM head appears once, under the embedding's name. Returns one dict per matrix, in
+    parameter order: `name`, `shape`, `alpha`, `xmin`, `num_eigs` (nonzero eigenvalues),
+    `num_tail` (eigenvalues >= xmin), `ks_distance` (D of the fit). A matrix whose tail
+    cannot be fitted gets nan in the fit's fields rather than stopping the whole model.
     """
     rows = []
-    for name, param in model.named_parameters():
-        if param.ndim != 2 or min(param.shape) < min_dim:
-            continue
-        eigs = esd(param)
-        rows.append({"name": name, "shape": tuple(param.shape), "num_eigs": len(eigs),
-                     **fit_power_law(eigs, truncated=truncated)})
+    with torch.no_grad():
+        for name, weight in weight_matrices(model, cover):
+            if min(weight.shape) < min_dim:
+                continue
+            eigs = esd(weight, dtype)
+            rows.append({"name": name, "shape": tuple(weight.shape), "num_eigs": len(eigs),
+                         **fit_power_law(eigs, truncated=truncated)})
     return rows
 
 
-def esd(weight: torch.Tensor) -> np.ndarray:
-    """Nonzero eigenvalues of W^T W / N (N the larger side), ascending, in float64."""
-    matrix = weight.detach().to(torch.float64)
-    eigs = (torch.linalg.svdvals(matrix) ** 2 / max(matrix.shape)).cpu().numpy()
-    eigs = np.sort(eigs)
+def weight_matrices(model: nn.Module, cover: Cover = "all") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, matrix) of each 2-D weight of `model`, in parameter order, each parameter once.
+
+    cover="all": every 2-D parameter. cover="layers": the transformer blocks' matrices only,
+    that is, all but the parameters of every nn.Embedding (token and learned position
+    embeddings) and the weights of the model's input and output embeddings
+    (`get_input_embeddings()`, `get_output_embeddings()` of a Hugging Face model: the LM head,
+    which a tied head shares with the token embedding).
+
+    A LoRA layer (a peft tuner layer: a module with a `base_layer` and `adapter_layer_names`)
+    is one matrix under its base weight's name (`...q_proj.base_layer.weight`): the base weight
+    plus `get_delta_weight` of each active adapter, unless the adapters are disabled or
+    already merged into the base. Its adapters' own parameters (lora_A, lora_B, ...) are
+    skipped. (DoRA's magnitude rescaling is not applied.) Matrices are made one at a time.
+    """
+    if cover not in COVERS:
+        raise ValueError(f"cover={cover!r}: expected one of {', '.join(COVERS)}")
+    tuners = {id(m.base_layer): m for m in model.modules() if _is_tuner_layer(m)}
+    skip = {id(p) for m in tuners.values() for p in _adapter_parameters(m)}
+    if cover == "layers":
+        skip |= _embedding_parameters(model)
+    for prefix, module in model.named_modules():
+        for short, param in module.named_parameters(prefix=prefix, recurse=False):
+            if param.ndim != 2 or id(param) in skip:
+                continue
+            skip.add(id(param))  # a shared (tied) parameter counts once, where it comes first
+            tuner = tuners.get(id(module))
+            weight = param.detach()
+            if tuner is not None and short.rsplit(".", 1)[-1] == "weight":
+                weight = _with_adapters(tuner, weight)
+            yield short, weight
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    # peft's BaseTunerLayer, recognised by shape so that peft is never imported here
+    return hasattr(module, "base_layer") and hasattr(module, "adapter_layer_names")
+
+
+def _adapter_parameters(tuner: nn.Module) -> Iterator[nn.Parameter]:
+    for attr in tuner.adapter_layer_names:
+        holder = getattr(tuner, attr, None)
+        if isinstance(holder, nn.Module):
+            yield from holder.parameters()
+
+
+def _with_adapters(tuner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (the tuner's base weight) plus the update of each of its active adapters."""
+    if (getattr(tuner, "disable_adapters", False) or getattr(tuner, "merged", False)
+            or not hasattr(tuner, "get_delta_weight")):
+        return weight
+    present = set()
+    for attr in tuner.adapter_layer_names:
+        holder = getattr(tuner, attr, None)
+        if isinstance(holder, nn.ModuleDict | nn.ParameterDict):
+            present |= set(holder.keys())
+    for adapter in getattr(tuner, "active_adapters", ()):
+        if adapter in present:
+            weight = weight + tuner.get_delta_weight(adapter).detach().to(weight)
+    return weight
+
+
+def _embedding_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters of every nn.Embedding and of the input and output embeddings'
+    weights (the LM head; a LoRA-wrapped head's `weight` is its base weight)."""
+    ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+           for p in m.parameters(recurse=False)}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):  # not a Hugging Face model, or no head
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            ids.add(id(weight))
+    return ids
+
+
+def esd(weight: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Nonzero eigenvalues of W^T W / N (N the larger side), ascending, in float64.
+
+    The singular values are computed on the weight's device in `dtype`: by default float32,
+    float64 for a float64 weight (a float32, bfloat16 or float16 weight holds no more than
+    float32 represents). Eigenvalues below the rounding of that SVD are left out as zero:
+    below ZERO_EIGENVALUE of the largest, and for float32 below N * eps32^2 of it (singular
+    values below sqrt(N) * eps32 of the largest).
+    """
+    if dtype is None:
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    matrix = weight.detach().to(dtype)
+    if matrix.shape[0] < matrix.shape[1]:
+        matrix = matrix.mT  # the same singular values; LAPACK is several times faster tall
+    n = matrix.shape[0]
+    eigs = np.sort(torch.linalg.svdvals(matrix).cpu().numpy().astype(np.float64) ** 2 / n)
     if len(eigs) == 0 or eigs[-1] <= 0:
         return eigs[:0]
-    return eigs[eigs > ZERO_EIGENVALUE * eigs[-1]]
+    zero = max(ZERO_EIGENVALUE, n * torch.finfo(dtype).eps ** 2)
+    return eigs[eigs > zero * eigs[-1]]
 
 
 def fit_power_law(eigs: np.ndarray, *, truncated: bool = False) -> dict[str, float]:

@@ -155,9 +155,12 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
 
 def final_metrics(setup: Setup, state: dict, forward_model=None) -> dict:
     last = dict(state["history"][-1]) if state["history"] else {}
-    with full_params(forward_model):
-        htsr = summarize(layer_alphas(setup.policy))
-    last.update({f"htsr_{k}": v for k, v in htsr.items() if k != "layers"})
+    cover = setup.cfg.htsr
+    if cover != "off":  # off: no htsr_* values at all (null in the report's table)
+        with full_params(forward_model):
+            htsr = summarize(layer_alphas(setup.policy, cover=cover))
+        last.update({f"htsr_{k}": v for k, v in htsr.items() if k != "layers"},
+                    htsr_matrices=htsr["layers"], htsr_cover=cover)
     last.update(tokens=state["tokens"], train_seconds=state["train_seconds"],
                 tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
                 steps=state["step"])

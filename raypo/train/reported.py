@@ -23,8 +23,9 @@ from raypo.train.step import preference_batch
 STEP = {"step", "train_loss", "current_beta", "grad_norm", "current_lr"}
 HELD_OUT = {"eval_loss", "pref_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
 BUILTIN_TASK = {"true_reward", "kl", "response_length", "ref_true_reward"}
-END = {"htsr_alpha_mean", "htsr_alpha_median", "htsr_alpha_min", "htsr_alpha_max",
-       "htsr_share_in_2_6", "tokens", "train_seconds", "tokens_per_s", "steps"}
+HTSR = {"htsr_alpha_mean", "htsr_alpha_median", "htsr_alpha_min", "htsr_alpha_max",
+        "htsr_share_in_2_6", "htsr_matrices"}  # none with `htsr: off`
+END = {"tokens", "train_seconds", "tokens_per_s", "steps"}
 ROW = {"wall_s", "peak_memory_mb"}
 BOOKKEEPING = {"trial_id", "status", "error", "objective"}
 
@@ -54,6 +55,8 @@ def reported_metrics(setup: Setup, cfg: TrainConfig | None = None) -> set[str]:
     set-up's model and data (raypo.train.run.run_trial)."""
     cfg = cfg or setup.cfg
     metrics = STEP | HELD_OUT | END | loss_metrics(setup, cfg)
+    if cfg.htsr != "off":
+        metrics |= HTSR
     if setup.task is not None:
         metrics |= BUILTIN_TASK
     return {f"final_{k}" if k in BOOKKEEPING else k for k in metrics} | ROW

@@ -39,6 +39,8 @@ def test_every_loss_trains_on_the_builtin_task(overrides):
                 "eval_loss"):
         assert math.isfinite(metrics[key]), (key, metrics)
     assert metrics["steps"] == 3
+    # HT-SR by default over the blocks' matrices: 3 blocks of 7 in the tiny model
+    assert metrics["htsr_cover"] == "layers" and metrics["htsr_matrices"] == 21
 
 
 def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
@@ -91,7 +93,8 @@ def test_dpo_learns_the_graded_task():
 
 def test_own_data_and_model_train_and_evaluate(tmp_path):
     """A local model folder and a JSONL of pairs (no built-in task: no sampling, held-out
-    accuracy only), through the same reference precompute and loop."""
+    accuracy only), through the same reference precompute and loop; `htsr: off` reports no
+    HT-SR values."""
     import json
     import random
 
@@ -108,7 +111,8 @@ def test_own_data_and_model_train_and_evaluate(tmp_path):
             f.write(json.dumps(row) + "\n")
     cfg = load_config(None, [f"model={tmp_path / 'model'}", f"data={tmp_path / 'pairs.jsonl'}",
                              "steps=2", "eval_every=2", "batch_size=4", "eval_fraction=0.2",
-                             "max_length=64", "max_prompt_length=32"])
+                             "max_length=64", "max_prompt_length=32", "htsr=off"])
     metrics = train(prepare(cfg, log=lambda m: None))
     assert metrics["steps"] == 2
     assert math.isfinite(metrics["eval_loss"]) and "true_reward" not in metrics
+    assert not [k for k in metrics if k.startswith("htsr")]  # htsr: off computes nothing
