@@ -32,10 +32,13 @@ matrices only, `cover="all"` every 2-D weight, embeddings and LM head included. 
 layer counts as one matrix, its base weight plus the active adapters' update (the weight its
 forward applies); the adapters' own factors lora_A and lora_B are no weight matrices of the
 model. Singular values are computed in float32 (float64 for a float64 weight) on the weight's
-device: alpha then agrees with the float64 one to 1e-4 relative or better, the same xmin
-chosen (the tests compare them), where float64 runs at a small fraction of float32's rate on
-consumer GPUs and is slower on CPUs too. A wide matrix is decomposed as its transpose (tall),
-which LAPACK does several times faster.
+device: alpha then agrees with the float64 one, the same xmin chosen, to a relative 1e-5 or
+better below alpha = 10 and 1e-4 below 20 (the tests compare them; the difference grows with
+alpha, whose tail is then narrow: a random 4864 x 896 matrix's alpha of 119 moved by 5e-4),
+where float64 runs at a small fraction of float32's rate on consumer GPUs and is slower on
+CPUs too. A wide matrix is decomposed as its transpose (tall), which LAPACK does several times
+faster. At the shapes of Qwen2.5-0.5B, cover="layers" in float32 took 26 s of one CPU core
+where every matrix in float64 took 142 s (about 0.02% of a 1000-step run on that core).
 """
 
 from __future__ import annotations
