@@ -67,3 +67,11 @@ def test_bad_data_exits_2_naming_file_column_and_row(tmp_path):
 def test_missing_config_file(tmp_path):
     result = _run(["train", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "nope.yaml: no such file" in result.output
+
+
+def test_float16_on_the_cpu_exits_2_naming_bfloat16(tmp_path):
+    result = _run(["train", "search_spaces/builtin_dpo.yaml", "--set", "dtype=float16",
+                   "--set", "device=cpu", "--set", f"reports={tmp_path}"])
+    assert result.exit_code == 2, result.output
+    assert "dtype: float16" in result.output and "use dtype: bfloat16" in result.output
+    assert not (tmp_path / "builtin_dpo" / "trials.parquet").exists()

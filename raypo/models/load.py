@@ -112,6 +112,22 @@ def load_policy(
     return model.eval()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's gradient (activation) checkpointing on `model`, non-reentrant: each
+    transformer block keeps only its input and recomputes its activations in the backward
+    pass. It acts only in train mode with gradients on, so the reference (eval mode, no_grad;
+    under LoRA the policy itself with adapters off) and generation (eval mode, with its cache)
+    run as before. Non-reentrant checkpointing needs no `enable_input_require_grads` under
+    LoRA (only the reentrant kind drops gradients when no input of a block requires one)."""
+    kwargs = {"use_reentrant": False}
+    # a PeftModel forwards both to its base model; transformers 5 renamed the method and
+    # warns on the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype):
         return dtype

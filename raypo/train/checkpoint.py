@@ -26,3 +26,23 @@ def load(directory: str | Path | None) -> dict | None:
     if directory is None or not (Path(directory) / NAME).is_file():
         return None
     return torch.load(Path(directory) / NAME, weights_only=True)
+
+
+def rng_state() -> dict:
+    """The random generators' states, for `save`: the CPU's and, where CUDA is available, every
+    visible device's (dropout and sampling on a GPU draw from the device's own generator)."""
+    state = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(saved: dict) -> None:
+    """Set the generators to a checkpoint's `rng_state`. A checkpoint without CUDA states (from
+    a CPU run, or older) leaves the devices' generators as seeded; one from a machine with a
+    different number of devices restores those both have, device i to device i (a Ray Train
+    worker sees its own GPU as device 0), and leaves any others as seeded."""
+    torch.set_rng_state(saved["rng"])
+    states = saved.get("cuda_rng")
+    if states and torch.cuda.is_available():  # device i gets state i
+        torch.cuda.set_rng_state_all(states[:torch.cuda.device_count()])

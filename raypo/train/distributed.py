@@ -29,7 +29,7 @@ from raypo.train import checkpoint
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.loop import train
 from raypo.train.parallel import fsdp_kwargs, full_params, wrap_fsdp
-from raypo.train.setup import prepare
+from raypo.train.setup import prepare, resolve_device
 
 
 def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | None = None,
@@ -47,6 +47,8 @@ def train_distributed(cfg: TrainConfig, *, trial_name: str, storage_path: str | 
     if cfg.batch_size % cfg.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch: it must be "
                           f"divisible by num_workers {cfg.num_workers}")
+    # the workers' kind of device: float16 on CPU workers is refused before anything loads
+    resolve_device("cuda" if cfg.use_gpu else "cpu", cfg.dtype)
     prepare(cfg, log=log)  # write every cache here, so that no worker computes one
     cache = str(cache_root().resolve())  # workers change directory: absolute paths only
     storage = storage_path or str(Path(cache) / "ray_train")

@@ -16,6 +16,8 @@ from raypo.train.evaluate import held_out_metrics, sample_and_score
 from raypo.train.parallel import (
     clip_grad_norm,
     full_params,
+    grad_scaler,
+    gradient_sync,
     load_model_state,
     load_optimizer_state,
     model_state,
@@ -60,15 +62,16 @@ def _batches(setup: Setup, epoch: int, skip: int):
 def evaluate(setup: Setup, step: int, forward_model=None) -> dict[str, float]:
     # under FSDP the unwrapped policy holds whole weights only inside full_params
     # (generation cannot run through the FSDP wrapper); every rank evaluates alike
-    with full_params(forward_model):
+    with full_params(forward_model), setup.autocast():
         metrics = held_out_metrics(setup, setup.policy)
         if setup.task is not None:
             metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
                                             seed=setup.cfg.seed + 1))
     if setup.task is not None:  # the reference is never sharded (see raypo.train.parallel)
         if "ref_true_reward" not in setup.cache:
-            ref = sample_and_score(setup, setup.reference_model.model, setup.cfg.eval_samples,
-                                   seed=setup.cfg.seed + 1)
+            with setup.autocast():
+                ref = sample_and_score(setup, setup.reference_model.model,
+                                       setup.cfg.eval_samples, seed=setup.cfg.seed + 1)
             setup.cache["ref_true_reward"] = ref["true_reward"]
         metrics["ref_true_reward"] = setup.cache["ref_true_reward"]
     setup.policy.train()
@@ -83,13 +86,16 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
     `on_eval(step, metrics)` is called at every evaluation (Tune reports there);
     `progress(step, loss)` after every optimizer step (a progress bar). `forward_model` is
     the module the training forward runs through (DDP's wrapper of the policy under Ray
-    Train; the policy itself by default).
+    Train; the policy itself by default). A step's loss is the mean over its `grad_accum`
+    micro-batches, read from the device once per step (the divergence check).
     """
     cfg, policy, loss_fn = setup.cfg, setup.policy, setup.loss_fn
     forward_model = forward_model or policy
     # the wrapper's parameters: under FSDP these are this rank's shards
     params = [p for m in (forward_model, loss_fn) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # float16 (CUDA): the loss scaled against underflow; otherwise every call is the plain one
+    scaler = grad_scaler(forward_model, setup.device, setup.autocast_dtype == torch.float16)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     beta = schedule(cfg.beta_schedule.name, **{"beta": float(loss_fn.beta),
@@ -104,7 +110,9 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
         loss_fn.load_state_dict(saved["loss"])
         load_optimizer_state(forward_model, optimizer, saved["optimizer"])
         lr_sched.load_state_dict(saved["lr_sched"])
-        torch.set_rng_state(saved["rng"])
+        if saved.get("scaler"):  # empty from a run without float16
+            scaler.load_state_dict(saved["scaler"])
+        checkpoint.restore_rng(saved)
         state = saved["state"]
     batches = _batches(setup, state["epoch"], state["pos"])
     policy.train()
@@ -113,28 +121,37 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
         start = time.perf_counter()
         if beta is not None:
             loss_fn.set_beta(beta(step))
-        for _ in range(cfg.grad_accum):
+        loss_sum = torch.zeros((), device=setup.device)
+        for micro in range(1, cfg.grad_accum + 1):
             state["epoch"], state["pos"], indices = next(batches)
             batch = collate(setup.train_pairs, indices, setup.tokenizer.pad_token_id)
             batch = batch.to(setup.device)
-            out = loss_fn(preference_batch(setup, batch, forward_model, setup.ref_train,
-                                           cfg.embedding_source == "policy"))
-            if not math.isfinite(out.loss.item()):
-                raise TrainingDiverged(f"step {step}: loss is {out.loss.item()}")
-            (out.loss / cfg.grad_accum).backward()
+            # DDP all-reduces the accumulated gradients once, on the last micro-batch
+            with gradient_sync(forward_model, micro == cfg.grad_accum):
+                with setup.autocast():
+                    out = loss_fn(preference_batch(setup, batch, forward_model,
+                                                   setup.ref_train,
+                                                   cfg.embedding_source == "policy"))
+                scaler.scale(out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach()
             state["tokens"] += batch.n_tokens
+        train_loss = loss_sum.item() / cfg.grad_accum  # the step's one wait for the device
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"step {step}: loss is {train_loss}")
+        scaler.unscale_(optimizer)  # the true gradients, for clipping
         grad_norm = clip_grad_norm(forward_model, params, cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when a float16 gradient overflowed
+        scaler.update()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         loss_fn.on_step_end()
         state["train_seconds"] += time.perf_counter() - start
         state["step"] = step + 1
         if progress:
-            progress(step + 1, out.loss.item())
+            progress(step + 1, train_loss)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             # current_*: the values at this step, beside the configured ones in a row
-            row = {"step": step + 1, "train_loss": out.loss.item(),
+            row = {"step": step + 1, "train_loss": train_loss,
                    "current_beta": float(loss_fn.beta), "grad_norm": float(grad_norm),
                    "current_lr": lr_sched.get_last_lr()[0],
                    **{k: float(v) for k, v in out.metrics.items()
@@ -148,8 +165,8 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
             checkpoint.save(checkpoint_dir, {
                 "policy": model_state(forward_model, policy), "loss": loss_fn.state_dict(),
                 "optimizer": optimizer_state(forward_model, optimizer),
-                "lr_sched": lr_sched.state_dict(),
-                "rng": torch.get_rng_state(), "state": state})
+                "lr_sched": lr_sched.state_dict(), "scaler": scaler.state_dict(),
+                **checkpoint.rng_state(), "state": state})
     return final_metrics(setup, state, forward_model)
 
 

@@ -1,13 +1,17 @@
 """What the loop does differently when the policy is sharded by FSDP (`parallel: fsdp`).
 
 Under DDP, and in one process, every rank holds the whole policy and these helpers are the plain
-torch calls. Under FSDP each rank holds a shard of every parameter outside a forward pass, so:
+torch calls (but `gradient_sync`). Under FSDP each rank holds a shard of every parameter outside
+a forward pass, so:
 - anything that reads the policy's weights outside the wrapper's forward (generation, the
   held-out pass through `setup.policy`, HT-SR alphas) runs inside `full_params`;
 - the gradient norm spans every rank's shard (FSDP's own `clip_grad_norm_`), plus the loss's
   own parameters, which every rank holds whole;
 - a checkpoint holds the full policy state dict (gathered to rank 0) and every rank's shard of
-  the optimizer state, so a resume with the same number of workers restores it exactly.
+  the optimizer state, so a resume with the same number of workers restores it exactly;
+- with gradient accumulation every micro-batch's gradients are reduce-scattered (DDP
+  all-reduces only the step's last: `gradient_sync`), and float16's gradient scaler is the
+  sharded one, so that every rank skips the same overflowing steps.
 
 The frozen reference copy (`models.load.Reference`) is taken before wrapping, so it is never
 sharded: each rank keeps a whole one, as under DDP.
@@ -61,6 +65,31 @@ def full_params(model: nn.Module | None):
     if not is_fsdp(model):
         return contextlib.nullcontext()
     return _fsdp().summon_full_params(model, writeback=False)
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch's forward and backward. Under DDP the gradients are
+    all-reduced only when `sync` (the step's last micro-batch): the others accumulate in
+    `.grad` locally (`no_sync`), and the last one's all-reduce carries the sum, so a step of
+    `grad_accum` micro-batches communicates once. Under FSDP every micro-batch is still
+    reduce-scattered: its `no_sync` would keep the whole unsharded gradient on every rank
+    until the last micro-batch, the memory FSDP exists to save."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def grad_scaler(model: nn.Module, device: torch.device, enabled: bool):
+    """torch.amp's GradScaler (float16 training; disabled, every call is the plain one). Under
+    FSDP its sharded variant: each rank sees only its shard's gradients, and the ranks must
+    agree on whether a step overflowed (and is skipped)."""
+    if is_fsdp(model):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def clip_grad_norm(model: nn.Module, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ search calls `prepare` once on the driver and every trial reads the caches.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from raypo.losses.batch import EMBEDDING_FIELDS
 from raypo.models.encoder import encoder_embeddings, encoder_name
 from raypo.models.load import (
     Reference,
+    enable_gradient_checkpointing,
     load_policy,
     load_tokenizer,
     model_fingerprint,
@@ -60,12 +62,34 @@ class Setup:
     model_fingerprint: str = ""
     reference_seconds: float = 0.0
     cache: dict = field(default_factory=dict)  # values computed once per run (ref_true_reward)
+    # dtype: float16: float32 weights, the forward under float16 autocast (see `autocast`)
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        """The context every forward of the policy runs in (training, evaluation, the
+        reference precompute): float16 autocast for `dtype: float16`, else nothing."""
+        return _autocast(self.device, self.autocast_dtype)
 
 
-def resolve_device(name: str) -> torch.device:
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str, dtype: str = "float32") -> torch.device:
+    """The device `name` ("auto": CUDA when available) means; ConfigError when `dtype` cannot
+    train there. float16 trains only on CUDA, as mixed precision: float32 master weights, a
+    float16 autocast forward and a gradient scaler (torch.amp.GradScaler), all CUDA-only in
+    practice; pure float16 weights would lose small updates."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError(f"dtype: float16 trains only on a CUDA device (float32 weights, "
+                          f"float16 autocast, a gradient scaler), and this run's device is "
+                          f"{device}; use dtype: bfloat16 (or float32) there")
+    return device
 
 
 def task_spec(cfg: TrainConfig) -> TaskSpec:
@@ -108,7 +132,11 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     import time
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.dtype)  # before any model loads
+    # float16: float32 master weights under float16 autocast (the loop scales the loss);
+    # bfloat16 and float32 weights load as named and run without autocast
+    autocast_dtype = torch.float16 if cfg.dtype == "float16" else None
+    weights_dtype = "float32" if autocast_dtype is not None else cfg.dtype
     tokenizer = _model_step(load_tokenizer, cfg.model)
     spec = None
     if cfg.builtin:
@@ -133,10 +161,12 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         check_split(len(train_pairs), len(eval_pairs), batch_size=cfg.batch_size,
                     eval_fraction=cfg.eval_fraction, source=cfg.data,
                     prompts=len({tuple(p) for p in pairs.prompt_ids}))
-        policy = _model_step(load_policy, cfg.model, tokenizer=tokenizer, dtype=cfg.dtype,
+        policy = _model_step(load_policy, cfg.model, tokenizer=tokenizer, dtype=weights_dtype,
                              device=device, lora=cfg.lora, seed=cfg.seed,
                              init_state=_fitted_tiny(cfg, tokenizer, train_pairs, log))
         model_fp = model_fingerprint(cfg.model, policy)
+    if autocast_dtype is not None:  # the same weights give other reference outputs then
+        model_fp += f"-autocast-{str(autocast_dtype).removeprefix('torch.')}"
     start = time.perf_counter()
     encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
     encoder_seconds = time.perf_counter() - start  # a precompute too: counted with the reference's
@@ -153,21 +183,25 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     live_reference = declared.full_reference_logits
     want["ref_logits"] = want["ref_logits"] and not live_reference  # no top-k cache then
     start = time.perf_counter()
-    ref_train, ref_eval = (
-        _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
-        for pairs in (train_pairs, eval_pairs))
+    with _autocast(device, autocast_dtype):  # the policy at step 0, as training computes it
+        ref_train, ref_eval = (
+            _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
+            for pairs in (train_pairs, eval_pairs))
     reference_seconds = time.perf_counter() - start + encoder_seconds
     if encoded:  # the loss reads them where it reads the reference's (ReferenceOutputs.fields)
         ref_train.embeddings, ref_eval.embeddings = encoded
     # LoRA: the policy with adapters off; otherwise a frozen copy, made only when needed
     needs_live = live_reference or cfg.builtin  # the built-in task's KL estimate needs it too
     reference_model = reference_of(policy) if needs_live else None
+    if cfg.gradient_checkpointing:  # after the reference copy: the policy's own setting
+        enable_gradient_checkpointing(policy)
     _fit_kernel(loss_fn, ref_train)
     return Setup(cfg=cfg, tokenizer=tokenizer, policy=policy, loss_fn=loss_fn,
                  train_pairs=train_pairs, eval_pairs=eval_pairs, ref_train=ref_train,
                  ref_eval=ref_eval, device=device, task=spec, reference_model=reference_model,
                  live_reference_logits=live_reference,
-                 model_fingerprint=model_fp, reference_seconds=reference_seconds)
+                 model_fingerprint=model_fp, reference_seconds=reference_seconds,
+                 autocast_dtype=autocast_dtype)
 
 
 def _fitted_tiny(cfg: TrainConfig, tokenizer, train_pairs: TokenizedPairs, log):

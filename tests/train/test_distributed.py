@@ -126,3 +126,75 @@ def test_fsdp_workers_match_one_worker_also_across_a_resume(ray_session, tmp_pat
     assert [row["step"] for row in history] == [2, 4]
     assert_same_run(second, single, (*COMPARED, "true_reward", "steps", "grad_norm"))
     assert second["kl"] == pytest.approx(single["kl"], abs=1e-5)
+
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """One gloo rank: the real loop on the tiny model under DDP, twice from the same start:
+    as it runs (no_sync on all but a step's last micro-batch), then all-reducing every
+    micro-batch (the loop before); what `_ddp_run` records, saved for the test."""
+    import contextlib
+
+    import raypo.train.loop as loop
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    results = {"once": _ddp_run()}
+    loop.gradient_sync = lambda model, sync: contextlib.nullcontext()
+    results["every"] = _ddp_run()
+    torch.save(results, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _ddp_run() -> dict:
+    """One run under DDP: before each optimizer step, the all-reduce rounds since the last
+    (a round all-reduces every bucket once; a DDP comm hook sees each bucket) and the
+    gradients the optimizer is about to apply."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    setup = prepare(load_config(None, [*SMALL, *DDP_RUN]), log=quiet)
+    average_loss_gradients(setup.loss_fn)
+    model = DistributedDataParallel(setup.policy)
+    buckets, rounds, grads = [], [], []
+
+    def count(state, bucket):
+        state.append(bucket.is_last())
+        return allreduce_hook(None, bucket)  # the default: all-reduce and average
+
+    def before_step(optimizer, args, kwargs):
+        rounds.append(sum(buckets))
+        buckets.clear()
+        grads.append([p.grad.clone() for group in optimizer.param_groups
+                      for p in group["params"] if p.grad is not None])
+
+    model.register_comm_hook(buckets, count)
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        train(setup, forward_model=model)
+    finally:
+        handle.remove()
+    return {"rounds": rounds, "grads": grads}
+
+
+DDP_RUN = ["steps=2", "grad_accum=3", "eval_every=10", "eval_samples=2", "htsr=off"]
+
+
+@pytest.mark.slow  # two spawned ranks import torch and transformers (~10 s)
+def test_ddp_all_reduces_once_per_optimizer_step_with_the_same_gradients(tmp_path):
+    """grad_accum micro-batches, one all-reduce round (every bucket once) per optimizer step,
+    not one per micro-batch; the accumulated gradients the optimizer sees are those of
+    all-reducing every micro-batch (to float noise)."""
+    prepare(load_config(None, [*SMALL, *DDP_RUN]), log=quiet)  # the caches, once, here
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for got in ranks:
+        assert got["once"]["rounds"] == [1, 1]  # steps=2
+        assert got["every"]["rounds"] == [3, 3]  # grad_accum=3
+        for once, every in zip(got["once"]["grads"], got["every"]["grads"], strict=True):
+            assert len(once) == len(every) > 0
+            for a, b in zip(once, every, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(ranks[0]["once"]["grads"][-1], ranks[1]["once"]["grads"][-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # DDP: every rank the same
