@@ -261,6 +261,7 @@ def _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log) -> Re
         return compute_reference(policy, pairs, pad_id=tokenizer.pad_token_id,
                                  token_logps=want["token_logps"], topk=topk,
                                  hidden=want["ref_hidden"], embeddings=embeddings, device=device,
+                                 chunk=cfg.logits_chunk,
                                  tokens_per_batch=REFERENCE_BATCH_TOKENS[
                                      "cpu" if device.type == "cpu" else "accelerator"])
 
