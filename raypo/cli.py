@@ -42,6 +42,10 @@ def train(
     = None,
     merge: Annotated[bool, typer.Option(help="with --save and LoRA: merged weights, not the "
                                         "adapter")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="print the run's memory plan (its "
+                                       "peak device memory, part by part) and exit; exit "
+                                       "code 2 when it cannot fit this machine's GPU")]
+    = False,
 ) -> None:
     """Train one DPO variant; write a one-trial report under reports/<name>/."""
     from raypo.data.errors import DataError
@@ -59,6 +63,12 @@ def train(
         _fail(str(e))
     if name:
         cfg = cfg.model_copy(update={"name": name})
+    if plan:
+        return _print_plan(cfg)
+    try:  # on a GPU, before anything is loaded: a run that cannot fit exits here
+        _check_run_memory(cfg)
+    except ConfigError as e:
+        _fail(str(e))
     model_save = _model_save(save, merge, cfg, lambda msg: typer.echo(msg, err=True))
     out = Path(cfg.reports) / cfg.name
     try:
@@ -80,6 +90,66 @@ def train(
                 "true_reward", "ref_true_reward", "tokens_per_s", "wall_s", "objective",
                 "eval_loss", "htsr_alpha_mean")
         typer.echo(json.dumps({k: row.get(k) for k in keys if k in row}))
+
+
+def _check_run_memory(cfg) -> None:
+    """PlanError (a ConfigError) when a GPU run of `cfg` cannot fit its GPU; nothing on a
+    CPU (raypo.train.plan)."""
+    from raypo.train.plan import check, estimate, local_gpu
+
+    gpu = local_gpu(cfg)
+    if gpu is not None:
+        check(estimate(cfg), *gpu)
+
+
+def _print_plan(cfg) -> None:
+    """`raypo train --plan`: the plan against this machine's GPU, if the run would use one."""
+    from raypo.train.config import ConfigError
+    from raypo.train.plan import estimate, local_gpu
+
+    gpu = local_gpu(cfg)
+    try:
+        plan = estimate(cfg, device="cpu" if gpu is None else "cuda")
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"memory plan of {cfg.name}:")
+    if gpu is None:
+        typer.echo(plan.describe(against="a CPU run: not checked against memory"))
+        return
+    typer.echo(plan.describe(*gpu))
+    if not plan.fits(gpu[0]):
+        _fail(f"the memory plan does not fit {gpu[1]}")
+
+
+def _print_space_plan(space) -> None:
+    """`raypo search --plan`: the plan of the space's most demanding trial against one GPU's
+    memory (resources.gpu_memory_gb, else this machine's GPU) times a trial's share."""
+    from raypo.search.checks import space_plan, trial_share
+    from raypo.train.plan import GB
+
+    r = space.settings.resources
+    gpu = None
+    if r.gpus and r.gpu_memory_gb is not None:
+        gpu = (r.gpu_memory_gb * GB, f"resources.gpu_memory_gb: {r.gpu_memory_gb:g}")
+    elif r.gpus:
+        from raypo.train.plan import local_gpu
+
+        gpu = local_gpu(space.config(space.representative_values()[0]))
+    plan, values = space_plan(space, device="cuda" if r.gpus else "cpu")
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    typer.echo(f"memory plan of {space.source}, its most demanding trial"
+               f"{f' ({shown})' if shown else ''}:")
+    if gpu is None:
+        why = ("CPU trials: not checked against memory" if not r.gpus else
+               "not checked: no resources.gpu_memory_gb and no GPU here; a search reads a "
+               "GPU node's memory at its start, or needs resources.gpu_memory_gb")
+        typer.echo(plan.describe(against=why))
+        return
+    share = trial_share(space)
+    against = gpu[1] + (f" x {share:g} (resources.gpus)" if share < 1 else "")
+    typer.echo(plan.describe(gpu[0] * share, against))
+    if not plan.fits(gpu[0] * share):
+        _fail(f"the memory plan of the most demanding trial does not fit ({against})")
 
 
 def _model_save(save: Path | None, merge: bool, cfg, log):
@@ -156,6 +226,9 @@ def search(
     confirm: Annotated[bool | None, typer.Option(
         "--confirm/--no-confirm", help="run the confirmation stage after the search "
         "(default: when the space has a `confirm:` section)")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="print the memory plan of the space's "
+                                       "most demanding trial and exit; exit code 2 when it "
+                                       "cannot fit")] = False,
 ) -> None:
     """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
     import os
@@ -179,6 +252,11 @@ def search(
         _fail("--samples: expected a positive number of trials")
     if name is not None and name_problem(name):
         _fail(f"--name: {name_problem(name)}")
+    if plan:
+        try:
+            return _print_space_plan(load_space(space, overrides))
+        except (SpaceError, ConfigError) as e:
+            _fail(str(e))
     try:
         root = location(reports)
         parsed = load_space(space, overrides)

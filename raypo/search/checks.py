@@ -1,7 +1,9 @@
 """What a search checks before its first trial, beyond the space's own validation: that its
-objective metrics are ones the trials report, and that the cluster can ever give a trial the
+objective metrics are ones the trials report, that the cluster can ever give a trial the
 resources it asks for (otherwise a misspelt metric leaves every trial without an objective,
-and an impossible request waits for ever)."""
+and an impossible request waits for ever), and that its most demanding trial's memory plan
+(raypo.train.plan) fits one GPU (otherwise every trial runs out of memory at its first step,
+after the cluster has started and the caches are computed)."""
 
 from __future__ import annotations
 
@@ -47,3 +49,99 @@ def check_resources(space: SearchSpace, cluster: dict, local: bool, log=print) -
             raise SpaceError(f"{message}; {LOCAL_WAIT}: lower {key}, or run on a cluster "
                              "(--address)")
         log(f"warning: {message}; trials wait until the autoscaler adds nodes with them")
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+# The keys whose largest value makes a trial's memory largest (raypo.train.plan); every choice
+# of the space (loss, dtype, checkpointing, LoRA targets) is tried at those values.
+MEMORY_KEYS = (("batch_size",), ("max_length",), ("logits_chunk",), ("grad_accum",),
+               ("lora", "r"))
+# the searched values a plan names (the others do not change a trial's memory)
+SHOWN = {"batch_size", "max_length", "logits_chunk", "grad_accum", "lora", "dtype",
+         "gradient_checkpointing", "parallel", ("loss", "name")}
+GPU_READ_TIMEOUT_S = 120.0  # a GPU node's memory is read by a Ray task; none runs after this
+
+
+def space_plan(space: SearchSpace, device: str = "cuda"):
+    """(plan, values): the memory plan of the space's most demanding trial and the searched
+    values of SHOWN keys it was made at (SearchSpace.at_largest over MEMORY_KEYS).
+    PlanError when the model's config cannot be read."""
+    from pydantic import ValidationError
+
+    from raypo.train.plan import estimate
+
+    best = None
+    for raised, plain in zip(space.at_largest(MEMORY_KEYS), space.representative_values(),
+                             strict=True):
+        try:
+            values, cfg = raised, space.config(raised)
+        except (ValidationError, ValueError):  # the largest values together break a rule
+            values, cfg = plain, space.config(plain)
+        plan = estimate(cfg, device=device)
+        if best is None or plan.total > best[0].total:
+            best = (plan, values)
+    plan, values = best
+    shown = {k: v for k, v in values.items()
+             if space.param(k).path[0] in SHOWN or tuple(space.param(k).path) in SHOWN}
+    return plan, shown
+
+
+def trial_share(space: SearchSpace) -> float:
+    """The share of one GPU's memory a trial (or each of its workers) has: a fraction of a
+    GPU shares it with other trials; one process uses one GPU however many it asks for."""
+    r = space.settings.resources
+    return 1.0 if r.workers > 1 else min(1.0, r.gpus)
+
+
+def check_memory(space: SearchSpace, gpu_bytes: float, against: str, log=print):
+    """The most demanding trial's plan against one GPU's `gpu_bytes` (its trial's share);
+    SpaceError (exit 2) with the plan's parts and what to change when it does not fit."""
+    from raypo.train.plan import GB, PlanError, check
+
+    available = gpu_bytes * trial_share(space)
+    if trial_share(space) < 1:
+        against += f", x {trial_share(space):g} (resources.gpus: a shared GPU)"
+    try:
+        plan, _ = space_plan(space)
+        check(plan, available, against)
+    except PlanError as e:
+        raise SpaceError(f"{space.source}: {e}") from None
+    log(f"memory plan: {plan.total / GB:.1f} GB of {available / GB:.1f} GB ({against}) for "
+        "the most demanding trial")
+    return plan
+
+
+def live_gpu_memory(timeout_s: float = GPU_READ_TIMEOUT_S) -> float | None:
+    """One GPU's memory in bytes, read on a node of the Ray cluster by a task that holds one;
+    None when the cluster has no GPU now (an autoscaling cluster's start) or none answered
+    within `timeout_s` (all busy)."""
+    import ray
+
+    if not ray.cluster_resources().get("GPU"):
+        return None
+
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    ref = ray.remote(num_gpus=1, num_cpus=0)(total_memory).remote()
+    try:
+        return float(ray.get(ref, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None
+
+
+def check_live_memory(space: SearchSpace, log=print, timeout_s: float = GPU_READ_TIMEOUT_S):
+    """A GPU search without resources.gpu_memory_gb: the plan against a live GPU's memory;
+    SpaceError asking for resources.gpu_memory_gb when none can be read."""
+    gpu = live_gpu_memory(timeout_s)
+    if gpu is None:
+        raise SpaceError(
+            f"{space.source}: resources.gpu_memory_gb: needed to check the trials' memory "
+            f"before they start, and no GPU of the cluster could be read (none is up yet, as at "
+            f"an autoscaling cluster's start, or none was free within {timeout_s:g} s); give "
+            "one GPU's memory in GB, e.g. resources: {gpu_memory_gb: 24} for an A10G")
+    return check_memory(space, gpu, "the cluster's GPU", log)

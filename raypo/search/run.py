@@ -40,7 +40,12 @@ from raypo.reports.writer import (
     write_parquet_atomic,
 )
 from raypo.search import tuning
-from raypo.search.checks import check_objectives, check_resources
+from raypo.search.checks import (
+    check_live_memory,
+    check_memory,
+    check_objectives,
+    check_resources,
+)
 from raypo.search.interrupt import Interrupted, Interrupts, resume_command
 from raypo.search.keep import forget_missing
 from raypo.search.reach import StorageUnreachable, check_storage
@@ -49,6 +54,7 @@ from raypo.search.space import SearchSpace, SpaceError
 from raypo.search.trial import search_trial
 from raypo.storage import location
 from raypo.train.config import TrainConfig
+from raypo.train.plan import GB
 
 
 def _log(message: str) -> None:
@@ -283,7 +289,14 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         f"{len(space.params)} searched parameters, report in {directory}")
     gpus = space.settings.resources.gpus
     if gpus:
+        # the memory plan before any trial and any cache: against the declared GPU before
+        # Ray starts, or a live one's (raypo.search.checks)
+        declared = space.settings.resources.gpu_memory_gb
+        if declared is not None:
+            check_memory(space, declared * GB, f"resources.gpu_memory_gb: {declared:g}", log)
         _start_cluster(space, address, root, directory, log)
+        if declared is None:
+            check_live_memory(space, log)
         ranks = _remote_shared_work(space, directory, log)
     else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
         ranks = shared_work(space, directory, log)

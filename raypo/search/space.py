@@ -85,6 +85,10 @@ class Resources(_Strict):
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
     workers: int = Field(1, ge=1)  # > 1: the trial runs Ray Train workers (DDP)
+    # one GPU's memory in GB (1e9 bytes, as GPUs are sold: an A10G is 24): the memory plan
+    # checks each trial against it before any trial (raypo.train.plan); without it a GPU
+    # search reads a live GPU node's, and needs it when no GPU node is up yet
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class Sampler(_Strict):
@@ -235,6 +239,17 @@ class Param:
         if self.kind == "value":
             return list(self.choices)
         return [self.low, self.high]
+
+    @property
+    def largest(self):
+        """The largest value it can draw: a range's high end (the last step a grid reaches),
+        the largest of numeric choices; None for other choices."""
+        if self.kind in ("choice", "value"):
+            numbers = [v for v in self.choices if _is_number(v)]
+            return max(numbers) if numbers and len(numbers) == len(self.choices) else None
+        if self.step:
+            return self.low + int((self.high - self.low) // self.step) * self.step
+        return self.high
 
     def suggest(self, trial) -> Any:
         if self.kind == "choice":
@@ -464,6 +479,22 @@ class SearchSpace:
             if self._active(p, values):
                 values[p.name] = forced.get(p.name, p.values[0])
         return values
+
+    def at_largest(self, paths) -> list[dict]:
+        """The representative assignments (every choice value, both ends of every range)
+        with each searched parameter at one of `paths` (config paths such as
+        ("batch_size",)) raised to the largest value it can draw: together they hold the
+        space's most demanding trials in those keys."""
+        wanted = {tuple(p) for p in paths}
+        out = []
+        for values in self.representative_values():
+            raised = dict(values)
+            for name in values:
+                p = self.param(name)
+                if p.path in wanted and p.largest is not None:
+                    raised[name] = p.largest
+            out.append(raised)
+        return out
 
     def check(self) -> None:
         """Every representative configuration must be a valid training config."""
