@@ -15,10 +15,12 @@ tokens, and a log-softmax makes more copies of that. So the output projection is
 the last hidden states of the real response tokens only, `chunk` tokens at a time, and each
 chunk keeps only what is read from it: the label's log-prob, the loss's per-position terms
 (`TokenTerm`: divergences to the reference, perturbed log-probs), WPO's log sum p^2, the
-reference's top-k. Under autograd each chunk is a non-reentrant checkpoint: its logits are
-freed after the forward and recomputed in the backward pass, so at most one chunk's
-vocabulary-sized tensors are alive at a time (what Liger's fused linear cross-entropy does in
-Triton, here in plain PyTorch for any device).
+reference's top-k. Under autograd a chunk's logits are freed after the forward and recomputed
+in the backward pass, so at most one chunk's vocabulary-sized tensors are alive at a time
+(what Liger's fused linear cross-entropy does in Triton, here in plain PyTorch for any
+device): for a plain linear head by `_LinearInChunks`, which also accumulates the head's
+weight gradient in one buffer, for any other head (LoRA on the head) by a non-reentrant
+checkpoint per chunk.
 
 The projection runs inside the model's own forward: the output head's `forward` is replaced,
 for that one call, by the chunk loop, which returns the chunks' small results as the model's
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -124,8 +127,9 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
     width = input_ids.shape[1]
     extras: dict = {}
 
-    def chunk_values(h: Tensor, part: slice, first_run: list) -> Tensor:
-        logits = project(h).float()
+    def chunk_values(logits: Tensor, part: slice, first_run: bool) -> Tensor:
+        """(chunk, 1 + len(terms)): the targets' log-probs and the terms, from float32
+        logits; the extras only on a chunk's first run (not when the backward recomputes)."""
         log_normalizer = torch.logsumexp(logits, -1)
         labels = targets[part]
         values = [logits.gather(-1, labels[:, None])[:, 0] - log_normalizer]
@@ -134,8 +138,7 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
             ones = torch.ones_like(labels, dtype=logits.dtype)
             values += [term(logits, ref, labels, ones).to(logits.dtype)
                        for term in terms.values()]
-        if first_run:  # not again when the backward pass recomputes the chunk
-            first_run.clear()
+        if first_run:
             with torch.no_grad():
                 if log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
                     extras.setdefault("log_sum_sq", []).append(
@@ -144,20 +147,32 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
                     extras.setdefault("topk", []).append(TopKLogits.from_logits(logits, topk))
         return torch.stack(values, -1)
 
+    def checkpointed(h: Tensor) -> Tensor:
+        """Any head (a LoRA-wrapped one too): each chunk a non-reentrant checkpoint."""
+        runs: set[int] = set()
+
+        def run(h_part, start):
+            first = start not in runs
+            runs.add(start)
+            return chunk_values(project(h_part).float(), slice(start, start + chunk), first)
+
+        return torch.cat([checkpoint(run, h[start:start + chunk], start, use_reentrant=False)
+                          for start in range(0, h.shape[0], chunk)])
+
     def chunked(hidden: Tensor) -> Tensor:
         # a model may pass only its last columns (logits_to_keep) or all of them
         h = hidden[rows, cols - (width - hidden.shape[1])]  # (N, H)
         if hidden_only:
             return h
-        pieces = []
-        for start in range(0, h.shape[0], chunk):
-            part = slice(start, start + chunk)
-            if torch.is_grad_enabled():
-                pieces.append(checkpoint(chunk_values, h[part], part, [True],
-                                         use_reentrant=False))
-            else:
-                pieces.append(chunk_values(h[part], part, [True]))
-        return torch.cat(pieces) if pieces else h.new_zeros(0, 1 + len(terms))
+        if not h.shape[0]:
+            return h.new_zeros(0, 1 + len(terms))
+        if not torch.is_grad_enabled():
+            return torch.cat([chunk_values(project(h[start:start + chunk]).float(),
+                                           slice(start, start + chunk), True)
+                              for start in range(0, h.shape[0], chunk)])
+        if type(head) is nn.Linear:
+            return _LinearInChunks.apply(h, head.weight, head.bias, chunk, chunk_values)
+        return checkpointed(h)
 
     project = head.forward  # the head's own forward, bound before it is replaced
     result = {}
@@ -184,6 +199,46 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
     if "topk" in extras:
         outputs.topk = TopKLogits.cat(extras["topk"])
     return outputs
+
+
+class _LinearInChunks(torch.autograd.Function):
+    """values(h W^T + b) a chunk of rows at a time, for a plain linear head: the forward keeps
+    no logits; the backward recomputes each chunk's, takes the gradient of `values` with
+    respect to them (autograd, whatever the terms are), and adds the chunk's share of the
+    weight's gradient into one buffer (addmm_). Checkpointing each chunk instead would hand
+    autograd one vocabulary x hidden weight gradient per chunk to sum: twice the head's
+    gradient memory at the backward's peak. The terms may hold no trainable parameters of
+    their own (none does: their gradient would not be taken here)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, chunk, values):
+        ctx.save_for_backward(h, weight, bias)
+        ctx.chunk, ctx.values = chunk, values
+        with torch.no_grad():
+            return torch.cat([values(F.linear(h[i:i + chunk], weight, bias).float(),
+                                     slice(i, i + chunk), True)
+                              for i in range(0, h.shape[0], chunk)])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for i in range(0, h.shape[0], chunk):
+            h_part = h[i:i + chunk]
+            with torch.enable_grad():
+                z = F.linear(h_part, weight, bias).detach().requires_grad_()
+                out = ctx.values(z.float(), slice(i, i + chunk), False)
+                (grad_z,) = torch.autograd.grad(out, z, grad_out[i:i + chunk])
+            if grad_h is not None:
+                grad_h[i:i + chunk] = grad_z @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad_z.t(), h_part)
+            if grad_b is not None:
+                grad_b += grad_z.sum(0)
+        return grad_h, grad_w, grad_b, None, None
 
 
 @dataclass

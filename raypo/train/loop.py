@@ -93,7 +93,10 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
     forward_model = forward_model or policy
     # the wrapper's parameters: under FSDP these are this rank's shards
     params = [p for m in (forward_model, loss_fn) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step and no parameter-sized temporaries (the foreach AdamW makes
+    # one for its denominators: at a real vocabulary, the embedding's size again)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     # float16 (CUDA): the loss scaled against underflow; otherwise every call is the plain one
     scaler = grad_scaler(forward_model, setup.device, setup.autocast_dtype == torch.float16)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(

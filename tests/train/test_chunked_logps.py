@@ -29,7 +29,13 @@ LOSSES = [
     ("tdpo", {}),
     ("sparsepo", {}),
     ("epsilon_dpo", {"eps": 0.3, "beta": 0.5}),  # a live full-vocabulary reference
+    # a head that is no plain nn.Linear (LoRA on the head): a checkpoint per chunk instead
+    ("kernel_dpo", {"kernel": "rbf", "divergence": "js", "alpha_div": 0.5, "head": "other"}),
 ]
+
+
+class OtherHead(torch.nn.Linear):
+    """A linear head of another class, as peft's LoRA wrapper of a head is."""
 TOPK = 8
 
 
@@ -91,6 +97,9 @@ def test_chunked_loss_and_weight_gradients_equal_the_full_logits_ones(name, para
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pairs = _pairs(5)
+    if params.get("head") == "other":
+        params = {k: v for k, v in params.items() if k != "head"}
+        policy.get_output_embeddings().__class__ = OtherHead
     loss = build(name, **params).bind(model_facts(policy))
     live = loss.full_reference_logits  # no top-k cache then, as in raypo.train.setup
     ref_outputs = compute_reference(reference.model, pairs, pad_id=tok.pad_token_id,
