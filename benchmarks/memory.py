@@ -59,12 +59,17 @@ load that drifts falls on both; the load average is printed with every run. Then
 vocabulary of each shape; the table says whether the policy reported checkpointing as on
 (`is_gradient_checkpointing`). `--profile` adds, per version, one more run at the first shape
 and the large vocabulary whose last step runs under `torch.profiler`, and prints the ops with
-the most self CPU time (not counted in the tables: the profiler costs time and memory).
+the most self CPU time, overall and by input shapes (which matrix products are the output
+head's); these runs are not in the tables (the profiler costs time and memory).
+`--profile-only` makes only those. `--logits-chunk` sets raypo's `logits_chunk` (after
+only: the before code ignores the key).
 
     python benchmarks/memory.py [--layers 2,4] [--vocabs 151936,32000] [--steps 2]
                                 [--batch-size 4] [--prompt-tokens 200] [--response-tokens 300]
                                 [--before c8e8d6c] [--after REF] [--threads N]
-                                [--no-checkpointing] [--profile] [--quick] [--timeout 3600]
+                                [--no-checkpointing] [--profile] [--profile-only]
+                                [--logits-chunk N] [--versions before,after] [--quick]
+                                [--timeout 3600]
 
 `--quick`: the 2-layer shape only, no checkpointing runs. The full run is 10 child processes
 (12 with `--profile`); see the end of this docstring for what it takes here.
@@ -308,7 +313,7 @@ def child(spec: dict) -> None:
         losses.append(loss)
         if spec["profile"] and step == cfg.steps - 1:
             from torch.profiler import ProfilerActivity, profile
-            profiler["p"] = profile(activities=[ProfilerActivity.CPU])
+            profiler["p"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
             profiler["p"].__enter__()
         if step < cfg.steps:
             return
@@ -318,6 +323,9 @@ def child(spec: dict) -> None:
             averages = p.key_averages()
             profiler["table"] = averages.table(sort_by="self_cpu_time_total",
                                                row_limit=spec["profile_rows"])
+            profiler["shapes"] = p.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=spec["profile_rows"],
+                max_name_column_width=40, max_shapes_column_width=70)
             profiler["total_s"] = sum(e.self_cpu_time_total for e in averages) / 1e6
         raise _Finished
 
@@ -338,6 +346,8 @@ def child(spec: dict) -> None:
     if profiler:
         print(f"profile of step {cfg.steps} ({profiler['total_s']:.1f} s self CPU time in all):")
         print(profiler["table"])
+        print("the same, by input shapes:")
+        print(profiler["shapes"])
     print(RESULT + json.dumps(result), flush=True)
 
 
@@ -387,6 +397,7 @@ def overrides(args, model: Path, data: Path, checkpointing: bool) -> list[str]:
             f"eval_fraction={HELD_OUT / (HELD_OUT + pairs(args))}", "lr=1e-5", "data_seed=0",
             "warmup_steps=0", f"seed={args.seed}", f"max_length={length}",
             f"max_prompt_length={args.prompt_tokens + 1}", "htsr=off",
+            *([f"logits_chunk={args.logits_chunk}"] if args.logits_chunk else []),
             *(["gradient_checkpointing=true"] if checkpointing else [])]
 
 
@@ -507,14 +518,25 @@ def main() -> None:
                     help="also profile the last step of each version (first shape, large "
                          "vocabulary) with torch.profiler")
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only the --profile runs (first shape, large vocabulary)")
+    ap.add_argument("--logits-chunk", type=int, default=None,
+                    help="raypo's logits_chunk in every run (default: raypo's own, 512; the "
+                         "before code accepts the key and ignores it)")
     ap.add_argument("--quick", action="store_true",
                     help="the 2-layer shape only, no checkpointing runs")
+    ap.add_argument("--versions", default="before,after",
+                    help="which code to run: before, after or both (comma-separated)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write every run's figures to this file")
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    args.profile = args.profile or args.profile_only
+    args.versions = {v.strip() for v in args.versions.split(",") if v.strip()}
+    if not args.versions or args.versions - {"before", "after"}:
+        ap.error("--versions: before, after or both")
     if args.steps < 2 and args.profile:
         ap.error("--profile needs --steps >= 2 (the last step is profiled)")
     layer_counts = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -549,19 +571,19 @@ def main() -> None:
                 n = save_model(models[vocab], vocab, layers, args.seed, data)
                 print(f"model: {layers} layers, vocabulary {vocab:,}: {n / 1e6:.0f}M parameters",
                       flush=True)
-            for vocab in vocabs:
+            for vocab in [] if args.profile_only else vocabs:
                 versions = ["before", "after"] if order % 2 == 0 else ["after", "before"]
                 order += 1
-                for version in versions:
+                for version in (v for v in versions if v in args.versions):
                     runs.append(measure(args, version, code[version], models[vocab], data,
                                         layers, vocab, root))
-            if not args.no_checkpointing:
+            if not (args.no_checkpointing or args.profile_only or "after" not in args.versions):
                 big = max(vocabs)
                 runs.append(measure(args, "after+gc", code["after"], models[big], data, layers,
                                     big, root))
             if args.profile and layers == layer_counts[0]:
                 big = max(vocabs)
-                for version in ("before", "after"):
+                for version in (v for v in ("before", "after") if v in args.versions):
                     print(f"\n-- profile: {version}, {layers} layers, vocabulary {big:,}")
                     measure(args, version, code[version], models[big], data, layers, big, root,
                             profile=True)

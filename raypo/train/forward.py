@@ -238,6 +238,7 @@ class _LinearInChunks(torch.autograd.Function):
                 grad_w.addmm_(grad_z.t(), h_part)
             if grad_b is not None:
                 grad_b += grad_z.sum(0)
+            del z, out, grad_z  # freed before the next chunk's logits are made
         return grad_h, grad_w, grad_b, None, None
 
 
