@@ -79,8 +79,10 @@ embedding itself needs in float32 with its gradient and AdamW's two moments,
 (151,936 - 32,000) x 896 x 4 bytes x 4 = 1.72 GB, so <= 1.98 GB (before: about 8 GB); and
 tokens/s at 151,936 after >= before.
 
-On this 2-core machine, shared with other jobs: about 50 minutes for the full run, 12 for
-`--quick` (the before runs at 151,936 take 4 to 6 minutes each).
+On this 2-core machine, shared with other jobs: the full run with `--profile` took 16 minutes
+at a load average of about 2 (21 minutes without `--profile` when the load fell from 7 to 2);
+`--quick` takes 5 to 12 minutes. A before run at 151,936 takes 1.5 minutes at load 2 and 12
+at load 8, so compare tokens/s within one run, and read the tok/CPU-s column beside it.
 """
 
 # ruff: noqa: E402  (the environment is set before Hugging Face libraries read it at import)
