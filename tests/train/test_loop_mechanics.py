@@ -4,9 +4,6 @@ checkpointing without changing a gradient, and the CUDA generators in a checkpoi
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -14,6 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from raypo.train.config import load_config
 from raypo.train.loop import train
 from raypo.train.setup import prepare
+from tests.train.own_data import own_data
 
 SMALL = ["task.train_pairs=64", "task.eval_pairs=16", "task.base_steps=50", "batch_size=8",
          "eval_samples=8", "htsr=off"]
@@ -33,23 +31,6 @@ def recording_steps():
                       for p in group["params"] if p.grad is not None])
 
     return grads, register_optimizer_step_pre_hook(record)
-
-
-def own_data(tmp_path) -> list[str]:
-    """Overrides for a tiny local model folder and 40 random pairs (no built-in task)."""
-    from raypo.models.tiny import tiny_model, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    tok.save_pretrained(tmp_path / "model")
-    tiny_model(tok).save_pretrained(tmp_path / "model")
-    rng = random.Random(0)
-    with (tmp_path / "pairs.jsonl").open("w") as f:
-        for _ in range(40):
-            row = {k: "".join(rng.choices("abcdefgh", k=rng.randint(2, 20)))
-                   for k in ("prompt", "chosen", "rejected")}
-            f.write(json.dumps(row) + "\n")
-    return [f"model={tmp_path / 'model'}", f"data={tmp_path / 'pairs.jsonl'}", "batch_size=4",
-            "eval_fraction=0.2", "max_length=64", "max_prompt_length=32", "htsr=off"]
 
 
 def test_train_loss_is_the_mean_of_the_steps_micro_batches():

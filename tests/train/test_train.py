@@ -11,6 +11,7 @@ from raypo.losses import LOSSES
 from raypo.train.config import load_config
 from raypo.train.loop import train
 from raypo.train.setup import prepare
+from tests.train.own_data import own_data
 
 SMALL = ["task.train_pairs=64", "task.eval_pairs=16", "task.base_steps=50", "batch_size=8",
          "eval_samples=8"]
@@ -95,23 +96,7 @@ def test_own_data_and_model_train_and_evaluate(tmp_path):
     """A local model folder and a JSONL of pairs (no built-in task: no sampling, held-out
     accuracy only), through the same reference precompute and loop; `htsr: off` reports no
     HT-SR values."""
-    import json
-    import random
-
-    from raypo.models.tiny import tiny_model, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    tok.save_pretrained(tmp_path / "model")
-    tiny_model(tok).save_pretrained(tmp_path / "model")
-    rng = random.Random(0)
-    with (tmp_path / "pairs.jsonl").open("w") as f:
-        for _ in range(40):
-            row = {k: "".join(rng.choices("abcdefgh", k=rng.randint(2, 20)))
-                   for k in ("prompt", "chosen", "rejected")}
-            f.write(json.dumps(row) + "\n")
-    cfg = load_config(None, [f"model={tmp_path / 'model'}", f"data={tmp_path / 'pairs.jsonl'}",
-                             "steps=2", "eval_every=2", "batch_size=4", "eval_fraction=0.2",
-                             "max_length=64", "max_prompt_length=32", "htsr=off"])
+    cfg = load_config(None, [*own_data(tmp_path), "steps=2", "eval_every=2"])
     metrics = train(prepare(cfg, log=lambda m: None))
     assert metrics["steps"] == 2
     assert math.isfinite(metrics["eval_loss"]) and "true_reward" not in metrics
