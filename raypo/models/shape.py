@@ -59,6 +59,7 @@ class ModelShape:
     vocab: int
     tied: bool
     model_type: str
+    plain_head: bool = True  # the output head is a plain nn.Linear (not one LoRA adapts)
     lora_inputs: tuple[LoraInput, ...] = ()
     lora_rank: int = 0
     lora_dropout: float = 0.0
@@ -118,6 +119,7 @@ def model_shape(config, dtype: str = "float32", lora: dict | None = None) -> Mod
     params = list(model.parameters())  # tied parameters once
     trainable = [p for p in params if p.requires_grad]
     head = model.get_output_embeddings()
+    plain_head = type(head) is nn.Linear
     head = getattr(head, "base_layer", head)
     embedding = model.get_input_embeddings()
     embedding = getattr(embedding, "base_layer", embedding)
@@ -149,6 +151,6 @@ def model_shape(config, dtype: str = "float32", lora: dict | None = None) -> Mod
         heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=head.weight.shape[0], tied=bool(getattr(config, "tie_word_embeddings", False)),
-        model_type=getattr(config, "model_type", "") or "",
+        model_type=getattr(config, "model_type", "") or "", plain_head=plain_head,
         lora_inputs=tuple(inputs), lora_rank=rank, lora_dropout=dropout,
         lora_bytes=lora_bytes)

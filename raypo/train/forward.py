@@ -18,9 +18,13 @@ chunk keeps only what is read from it: the label's log-prob, the loss's per-posi
 reference's top-k. Under autograd a chunk's logits are freed after the forward and recomputed
 in the backward pass, so at most one chunk's vocabulary-sized tensors are alive at a time
 (what Liger's fused linear cross-entropy does in Triton, here in plain PyTorch for any
-device): for a plain linear head by `_LinearInChunks`, which also accumulates the head's
-weight gradient in one buffer, for any other head (LoRA on the head) by a non-reentrant
-checkpoint per chunk.
+device). Three paths, by what is read and what the head is:
+- a plain linear head and only log-probs (dpo and most losses; WPO's log sum p^2 too):
+  `_LinearLogProbs`, which takes the vocabulary in blocks as well and writes the logits'
+  gradient in place, one buffer of chunk x block in all;
+- a plain linear head and token terms: `_LinearInChunks`, autograd on each recomputed chunk
+  and the head's weight gradient accumulated in one buffer;
+- any other head (LoRA on the head): a non-reentrant checkpoint per chunk.
 
 The projection runs inside the model's own forward: the output head's `forward` is replaced,
 for that one call, by the chunk loop, which returns the chunks' small results as the model's
@@ -166,6 +170,9 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
             return h
         if not h.shape[0]:
             return h.new_zeros(0, 1 + len(terms))
+        if type(head) is nn.Linear and not terms and topk is None:
+            return _LinearLogProbs.apply(h, head.weight, head.bias, targets, chunk,
+                                         log_sum_sq, extras)[:, None]
         if not torch.is_grad_enabled():
             return torch.cat([chunk_values(project(h[start:start + chunk]).float(),
                                            slice(start, start + chunk), True)
@@ -199,6 +206,125 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
     if "topk" in extras:
         outputs.topk = TopKLogits.cat(extras["topk"])
     return outputs
+
+
+# On the CPU the vocabulary is taken in blocks of about this many logits per chunk (16 MB of
+# float32, which stays in cache across the in-place passes over it); on a GPU, where cache
+# gains little and every block is more kernel launches, in one block
+CPU_BLOCK_ELEMENTS = 1 << 22
+
+
+def vocab_block(chunk: int, vocab: int, device_type: str) -> int:
+    """The vocabulary block of `_LinearLogProbs` for chunks of `chunk` tokens."""
+    if device_type != "cpu":
+        return vocab
+    return min(vocab, max(1024, CPU_BLOCK_ELEMENTS // max(chunk, 1)))
+
+
+class _BlockLogits:
+    """h W_b^T + b_b in float32 for one vocabulary block W_b = W[v:v + block] at a time;
+    float32 weights' go into one buffer reused from block to block (a fresh tensor per
+    block would be fresh pages on the CPU, each faulted and zeroed by the kernel)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, block: int):
+        self.weight, self.bias = weight, bias
+        self.buffer = (weight.new_empty(rows, block) if weight.dtype == torch.float32
+                       else None)
+
+    def __call__(self, h: Tensor, v: int, block: int) -> Tensor:
+        w = self.weight[v:v + block]
+        bias = None if self.bias is None else self.bias[v:v + block]
+        if self.buffer is None or h.dtype != torch.float32:
+            return F.linear(h, w, bias).float()
+        z = self.buffer[:h.shape[0], :w.shape[0]]
+        torch.matmul(h, w.t(), out=z)
+        return z if bias is None else z.add_(bias)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for a plain linear head and a loss that reads only the
+    targets' log-probs (no token terms), `chunk` rows by one vocabulary block (`vocab_block`)
+    at a time. The log normaliser is accumulated over the blocks (a running maximum and sum,
+    as flash attention does); the gradient of a block's logits, g (onehot(target) - softmax),
+    is made in place in the block's one buffer, where autograd through logsumexp and gather
+    makes four or five chunk x vocabulary tensors. The backward recomputes each block's
+    logits. A frozen head (LoRA elsewhere) needs no recompute: the forward keeps
+    E_p[W] = softmax @ W (N x H), and the gradient of h is g (W[target] - E_p[W]).
+    `log_sum_sq`: WPO's log sum p^2, appended to out["log_sum_sq"] per chunk, no gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk, log_sum_sq, out):
+        n, vocab = h.shape[0], weight.shape[0]
+        block = vocab_block(chunk, vocab, h.device.type)
+        logits = _BlockLogits(weight, bias, min(chunk, n), block)
+        logps = h.new_empty(n, dtype=torch.float32)
+        log_normalizer = torch.empty_like(logps)
+        frozen = (h.requires_grad and not weight.requires_grad
+                  and (bias is None or not bias.requires_grad))
+        expected = h.new_empty(n, h.shape[1], dtype=torch.float32) if frozen else None
+        for i in range(0, n, chunk):
+            h_part, t = h[i:i + chunk], targets[i:i + chunk]
+            top = h_part.new_full((len(t),), -torch.inf, dtype=torch.float32)
+            total, squares, target_logit = (torch.zeros_like(top) for _ in range(3))
+            acc = torch.zeros_like(expected[i:i + chunk]) if frozen else None
+            for v in range(0, vocab, block):
+                z = logits(h_part, v, block)
+                inside = (t >= v) & (t < v + z.shape[1])
+                at = (t - v).clamp(0, z.shape[1] - 1)[:, None]
+                target_logit = torch.where(inside, z.gather(1, at)[:, 0], target_logit)
+                new_top = torch.maximum(top, z.amax(1))
+                rescale = (top - new_top).exp()  # 0 on the first block (top = -inf)
+                top = new_top
+                unnormalized = z.sub_(top[:, None]).exp_()  # in (0, 1]: no overflow
+                total = total * rescale + unnormalized.sum(1)
+                if log_sum_sq:
+                    squares = (squares * rescale.square()
+                               + torch.linalg.vector_norm(unnormalized, dim=1).square())
+                if frozen:
+                    acc = acc * rescale[:, None] + (
+                        unnormalized.to(weight.dtype) @ weight[v:v + block]).float()
+                del z, unnormalized  # freed before the next block's logits are made
+            log_normalizer[i:i + chunk] = top + total.log()
+            logps[i:i + chunk] = target_logit - log_normalizer[i:i + chunk]
+            if log_sum_sq:  # log sum p^2 = log sum exp(2 (z - max)) - 2 log sum exp(z - max)
+                out.setdefault("log_sum_sq", []).append(squares.log() - 2 * total.log())
+            if frozen:
+                expected[i:i + chunk] = acc / total[:, None]
+        ctx.save_for_backward(h, weight, bias, targets, log_normalizer, expected)
+        ctx.chunk = chunk
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        h, weight, bias, targets, log_normalizer, expected = ctx.saved_tensors
+        if expected is not None:  # frozen head: no logits to recompute
+            grad_h = grad_logps[:, None] * (weight[targets].float() - expected)
+            return grad_h.to(h.dtype), None, None, None, None, None, None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab, chunk = h.shape[0], weight.shape[0], ctx.chunk
+        block = vocab_block(chunk, vocab, h.device.type)
+        logits = _BlockLogits(weight, bias, min(chunk, n), block)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        for i in range(0, n, chunk):
+            h_part, t = h[i:i + chunk], targets[i:i + chunk]
+            g, lse = grad_logps[i:i + chunk, None], log_normalizer[i:i + chunk, None]
+            for v in range(0, vocab, block):
+                z = logits(h_part, v, block)
+                grad_z = z.sub_(lse).exp_().mul_(-g)  # -g softmax
+                inside = ((t >= v) & (t < v + z.shape[1]))[:, None]
+                at = (t - v).clamp(0, z.shape[1] - 1)[:, None]
+                grad_z.scatter_add_(1, at, g * inside)  # + g onehot(target)
+                grad_z = grad_z.to(weight.dtype)
+                if need_h:
+                    grad_h[i:i + chunk].addmm_(grad_z, weight[v:v + block])
+                if need_w:
+                    grad_w[v:v + block].addmm_(grad_z.t(), h_part)
+                if need_b:
+                    grad_b[v:v + block] += grad_z.sum(0)
+                del z, grad_z  # freed before the next block's logits are made
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 class _LinearInChunks(torch.autograd.Function):

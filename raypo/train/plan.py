@@ -30,12 +30,18 @@ bfloat16 and float16 2):
   last hidden states of the response tokens (N x h x b) that the log-probs read;
 - logits chunk: the output head runs on `logits_chunk` response tokens at a time and each
   chunk's logits are recomputed in the backward (raypo.train.forward), so only one chunk's
-  vocabulary-sized tensors live at a time: at its backward's peak CHUNK_COPIES float32
-  copies of chunk x V (the recomputed logits, the gather's gradient, logsumexp's backward),
-  measured, under bfloat16 or float16 the logits in that dtype too, and the previous chunk's
-  logits gradient, which the chunk loop still holds (`chunk_bytes`); plus the gradient of
-  the hidden states it flows into (2 x N x h x b). The head's weight gradient (V x h) is
-  alive through the chunks' backward and, with tied embeddings, until the embedding's;
+  vocabulary-sized tensors live at a time. A plain linear head and a loss that reads only
+  log-probs (dpo and most others) take one vocabulary block at a time (`vocab_block`: the
+  whole vocabulary on a GPU) in one float32 buffer, and under bfloat16 or float16 the
+  block's logits or their gradient in that dtype beside it (`fused_chunk_bytes`); a frozen head
+  (LoRA elsewhere) keeps E_p[W] (N x h float32) instead of recomputing. A loss with token
+  terms (divergences, tdpo, epsilon_dpo) or a head LoRA adapts: at the chunk backward's peak
+  CHUNK_COPIES float32 copies of chunk x V (the recomputed logits, the gather's gradient,
+  logsumexp's backward), measured, under bfloat16 or float16 the logits in that dtype too,
+  and the previous chunk's logits gradient, which the chunk loop still holds
+  (`chunk_bytes`). Both: plus the gradient of the hidden states it flows into
+  (2 x N x h x b). The head's weight gradient (V x h) is alive through the chunks' backward
+  and, with tied embeddings, until the embedding's;
 - reference copy: a frozen copy of the policy (losses that read full reference logits,
   epsilon_dpo, and the built-in task), never under LoRA (the policy with adapters off), and
   its hidden states at the response tokens for the live reference logits. The cached
@@ -194,6 +200,16 @@ def chunk_bytes(tokens: int, chunk: int, vocab: int, b: int) -> float:
     return float(max(peaks) * vocab)
 
 
+def fused_chunk_bytes(tokens: int, chunk: int, vocab: int, b: int, device: str) -> float:
+    """`_LinearLogProbs`' block: one float32 buffer of chunk x vocab_block, and under a
+    2-byte dtype beside it the block's logits or their gradient in that dtype, plus on the
+    CPU a float32 one (its 2-byte matrix products, measured) (raypo.train.forward)."""
+    from raypo.train.forward import vocab_block
+
+    per_logit = 4 if b == 4 else 4 + b + (4 if device == "cpu" else 0)
+    return float(min(chunk, tokens) * vocab_block(chunk, vocab, device) * per_logit)
+
+
 def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "cuda"
              ) -> MemoryPlan:
     """The memory plan of `cfg` (its model's shape read from its config unless given) on a
@@ -240,7 +256,13 @@ def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "c
     per_layer_total = per_layer * s.layers + (_lora_activation_bytes(s, b, mask_bytes)
                                               if s.lora else 0.0)
     outside = 4 * s.hidden + 4 if s.lora else 8 * s.hidden + 12
-    chunk = chunk_bytes(responses, chunk_tokens, s.vocab, b) + 2 * responses * s.hidden * b
+    if s.plain_head and not terms:
+        chunk = fused_chunk_bytes(responses, chunk_tokens, s.vocab, b, device)
+        if not s.head_grad_bytes:  # a frozen head: E_p[W] kept from the forward
+            chunk += responses * s.hidden * 4
+    else:
+        chunk = chunk_bytes(responses, chunk_tokens, s.vocab, b)
+    chunk += 2 * responses * s.hidden * b
     if cfg.gradient_checkpointing:
         # each layer's input kept; one layer's activations while it is recomputed, which
         # happens after the chunks' backward: counted where they exceed the chunk's

@@ -2,8 +2,9 @@
 computation they replace: the model's own logits at every response position, each row run
 alone, log-softmax, and the loss evaluating its per-position terms on those full logits. The
 loss and the gradients of every policy weight must agree to 1e-5 in float32, for losses that
-read only log-probs, WPO's log sum p^2, a divergence to the cached top-k reference, TDPO's
-token KL and epsilon-DPO's perturbed log-probs under a live full-vocabulary reference."""
+read only log-probs (a trained head and a frozen one), WPO's log sum p^2, a divergence to the
+cached top-k reference, TDPO's token KL and epsilon-DPO's perturbed log-probs under a live
+full-vocabulary reference."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ LOSSES = [
     ("epsilon_dpo", {"eps": 0.3, "beta": 0.5}),  # a live full-vocabulary reference
     # a head that is no plain nn.Linear (LoRA on the head): a checkpoint per chunk instead
     ("kernel_dpo", {"kernel": "rbf", "divergence": "js", "alpha_div": 0.5, "head": "other"}),
+    # a frozen head (LoRA elsewhere): the backward reads E_p[W] kept by the forward
+    ("dpo", {"use_weighting": True, "head": "frozen"}),
 ]
 
 
@@ -97,9 +100,12 @@ def test_chunked_loss_and_weight_gradients_equal_the_full_logits_ones(name, para
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pairs = _pairs(5)
-    if params.get("head") == "other":
-        params = {k: v for k, v in params.items() if k != "head"}
+    head = params.get("head")
+    params = {k: v for k, v in params.items() if k != "head"}
+    if head == "other":
         policy.get_output_embeddings().__class__ = OtherHead
+    elif head == "frozen":
+        policy.get_output_embeddings().weight.requires_grad_(False)
     loss = build(name, **params).bind(model_facts(policy))
     live = loss.full_reference_logits  # no top-k cache then, as in raypo.train.setup
     ref_outputs = compute_reference(reference.model, pairs, pad_id=tok.pad_token_id,
@@ -126,3 +132,35 @@ def test_chunked_loss_and_weight_gradients_equal_the_full_logits_ones(name, para
     assert any(g is not None and g.abs().sum() > 0 for g in got)
     if not live:  # the divergences read the cached top-k form of the reference
         assert ref_outputs.topk_values
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_vocabulary_blocks_give_log_softmax_values_and_gradients(monkeypatch, frozen):
+    """The fused head (`_LinearLogProbs`): chunks of 4 rows by vocabulary blocks of 1024,
+    the last one partial, targets at the blocks' edges, a bias: log-probs, WPO's log sum p^2
+    and the gradients equal log_softmax's."""
+    from raypo.train import forward
+
+    monkeypatch.setattr(forward, "CPU_BLOCK_ELEMENTS", 4 * 1024)
+    assert forward.vocab_block(4, 5000, "cpu") == 1024
+    torch.manual_seed(0)
+    n, hidden, vocab = 13, 7, 5000
+    h = torch.randn(n, hidden, requires_grad=True)
+    weight = torch.randn(vocab, hidden, requires_grad=not frozen)
+    bias = torch.randn(vocab, requires_grad=not frozen)
+    targets = torch.randint(0, vocab, (n,))
+    targets[:4] = torch.tensor([0, 1023, 1024, vocab - 1])
+    out: dict = {}
+    logps = forward._LinearLogProbs.apply(h, weight, bias, targets, 4, True, out)
+    logits = torch.nn.functional.linear(h, weight, bias)
+    want = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-5)
+    log_sum_sq = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+    torch.testing.assert_close(torch.cat(out["log_sum_sq"]), log_sum_sq, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(n)
+    trained = [x for x in (h, weight, bias) if x.requires_grad]
+    got = torch.autograd.grad((logps * upstream).sum(), trained)
+    expected = torch.autograd.grad((want * upstream).sum(), trained)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

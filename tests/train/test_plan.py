@@ -26,10 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 SPACES = REPO / "search_spaces"
 
 # The shapes the plan's measured constants were fitted on (not run here): CHUNK_COPIES (5.0:
-# the allocator's live bytes at logits_chunk 256 and 1024 of F, with dpo, epsilon_dpo, tdpo
-# and kernel_dpo alike) and CPU_HEADROOM_BYTES (5 MB: the mean of measured minus estimated
-# peaks of all six, each between -25 and +27 MB). The activations' per-token counts come from
-# the architecture, checked against autograd's saved tensors, not from a fit.
+# the allocator's live bytes at logits_chunk 256 and 1024 of F, with epsilon_dpo, tdpo and
+# kernel_dpo alike: the chunk loop of the losses with token terms), the CPU's float32
+# temporary of 2-byte matrix products in `fused_chunk_bytes` (G and H: 16.8 MB, one float32
+# chunk x block, at vocabularies 12,000 and 24,000 alike) and CPU_HEADROOM_BYTES (5 MB: the
+# mean of measured minus estimated peaks of A to F, each between -25 and +27 MB). The
+# activations' per-token counts come from the architecture, checked against autograd's saved
+# tensors, not from a fit.
 FITTED = [
     {"name": "A", "vocab": 16000, "hidden": 32, "intermediate": 1024, "heads": 4,
      "kv_heads": 2, "layers": 4, "max_length": 192, "max_prompt_length": 7,
@@ -51,6 +54,12 @@ FITTED = [
     {"name": "F", "vocab": 32000, "hidden": 32, "intermediate": 128, "heads": 4,
      "kv_heads": 2, "layers": 2, "max_length": 256, "max_prompt_length": 7,
      "config": {"batch_size": 4, "logits_chunk": 1024}},
+    {"name": "G", "vocab": 12000, "hidden": 32, "intermediate": 128, "heads": 4,
+     "kv_heads": 2, "layers": 2, "max_length": 128, "max_prompt_length": 3,
+     "config": {"batch_size": 4, "logits_chunk": 512, "dtype": "bfloat16"}},
+    {"name": "H", "vocab": 24000, "hidden": 32, "intermediate": 128, "heads": 4,
+     "kv_heads": 2, "layers": 2, "max_length": 128, "max_prompt_length": 3,
+     "config": {"batch_size": 4, "logits_chunk": 512, "dtype": "bfloat16"}},
 ]
 
 # The shapes the test measures: other sizes, each led by another part of the plan (its peak
@@ -60,9 +69,9 @@ SHAPES = [
      "kv_heads": 1, "layers": 4, "max_length": 128, "max_prompt_length": 3,
      "config": {"batch_size": 4, "logits_chunk": 512},
      "expect": ("backward", "activations")},
-    {"name": "bfloat16", "vocab": 12000, "hidden": 32, "intermediate": 128, "heads": 4,
-     "kv_heads": 2, "layers": 2, "max_length": 128, "max_prompt_length": 3,
-     "config": {"batch_size": 4, "logits_chunk": 512, "dtype": "bfloat16"},
+    {"name": "bfloat16", "vocab": 20000, "hidden": 48, "intermediate": 128, "heads": 4,
+     "kv_heads": 2, "layers": 2, "max_length": 160, "max_prompt_length": 3,
+     "config": {"batch_size": 4, "logits_chunk": 256, "dtype": "bfloat16"},
      "expect": ("backward", "logits chunk")},
     {"name": "lora", "vocab": 2000, "hidden": 16, "intermediate": 2048, "heads": 2,
      "kv_heads": 1, "layers": 4, "max_length": 128, "max_prompt_length": 3,
