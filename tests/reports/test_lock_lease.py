@@ -1,6 +1,7 @@
-"""The report lock as a lease, on a local folder and on S3 (a moto server on 127.0.0.1): one
-writer at a time, renewed while held, another host's lock taken over once its lease ran out
-(and never before), a lock taken over while held known as lost and left alone."""
+"""The report lock as a lease, on a local folder, on S3 (a moto server on 127.0.0.1) and on
+Google Cloud Storage (fake-gcs-server on 127.0.0.1, tests/conftest.py): one writer at a time,
+renewed while held, another host's lock taken over once its lease ran out (and never before),
+a lock taken over while held known as lost and left alone."""
 
 from __future__ import annotations
 
@@ -60,10 +61,29 @@ class S3:
         return json.loads(body)
 
 
-@pytest.fixture(params=["local", "s3"])
+class GCS:
+    def __init__(self, bucket):
+        from google.cloud import storage
+
+        self.folder = RemotePath(f"gs://{bucket}/{uuid.uuid4().hex}/run")
+        _, self.key = object_key(self.folder / NAME)
+        self.bucket = storage.Client().bucket(bucket)
+
+    def put(self, record: dict) -> None:
+        self.bucket.blob(self.key).upload_from_string(json.dumps(record))
+
+    def get(self) -> dict | None:
+        # a fresh Blob each time: one that has downloaded asks for that generation again
+        blob = self.bucket.get_blob(self.key)
+        return None if blob is None else json.loads(blob.download_as_bytes())
+
+
+@pytest.fixture(params=["local", "s3", "gs"])
 def where(request, tmp_path):
     if request.param == "local":
         return Local(tmp_path)
+    if request.param == "gs":
+        return GCS(request.getfixturevalue("gcs_server"))
     return S3(request.getfixturevalue("bucket"))
 
 
@@ -167,3 +187,13 @@ def test_a_report_on_s3_without_boto3_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 -> ImportError
     with pytest.raises(StorageError, match=r"on S3.*conditional write.*pip install 'raypo\[s3\]'"):
         ReportLock(RemotePath("s3://raypo-reports/run"), "search").acquire()
+
+
+@pytest.mark.timeout(60)
+def test_a_report_on_gcs_without_google_cloud_storage_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # -> ImportError
+    if "google.cloud" in sys.modules:  # imported already: its attribute would be found first
+        monkeypatch.delattr(sys.modules["google.cloud"], "storage", raising=False)
+    with pytest.raises(StorageError, match=r"Google Cloud Storage.*conditional write.*"
+                                           r"pip install 'raypo\[gcs\]'"):
+        ReportLock(RemotePath("gs://raypo-reports/run"), "search").acquire()
