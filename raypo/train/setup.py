@@ -147,6 +147,10 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps,
                                    seed=cfg.data_seed, log=log)
         policy = base.to(device)
+        if cfg.lora is not None:  # adapters on the fitted base, as a user's model gets them
+            policy = load_policy(None, tokenizer=tokenizer, dtype=next(base.parameters()).dtype,
+                                 device=device, lora=cfg.lora, seed=cfg.seed,
+                                 init_state=base.state_dict())
         model_fp = f"tiny-base-{fit}"
         train_pairs = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
                                 f"builtin-{spec.fingerprint()}-train", f"builtin:{spec.variant}")

@@ -84,6 +84,31 @@ def test_a_lora_checkpoint_holds_the_adapter_not_the_frozen_base_and_restores_it
         assert torch.equal(p, expected), name
 
 
+@pytest.mark.timeout(120)
+def test_lora_on_the_builtin_task_trains_the_adapters_of_the_fitted_base(tmp_path):
+    """`lora:` on the built-in task wraps the fitted base model (it was silently full
+    fine-tuning): only the adapters train, the weights under them are the fitted base's, and
+    the checkpoint holds the adapters."""
+    pytest.importorskip("peft")
+    import torch
+
+    from raypo.train import checkpoint
+
+    base = prepare(load_config(None, [*SMALL, "steps=2"]), log=lambda m: None).policy
+    setup = prepare(load_config(None, [*SMALL, "steps=2", "eval_every=2",
+                                       "lora={r: 4, alpha: 8, target_modules: all-linear}"]),
+                    log=lambda m: None)
+    trained = {n for n, p in setup.policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+              for n, p in setup.policy.named_parameters() if not p.requires_grad}
+    for name, weight in base.named_parameters():  # the fitted base under the adapters
+        assert torch.equal(frozen[name], weight), name
+    metrics = train(setup, checkpoint_dir=tmp_path)
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 2
+    assert set(checkpoint.load(tmp_path)["policy"]) == trained
+
+
 @pytest.mark.slow
 def test_dpo_learns_the_graded_task():
     cfg = load_config("search_spaces/builtin_dpo.yaml")
