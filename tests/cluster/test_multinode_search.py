@@ -10,6 +10,7 @@ the Ray head stays the same.)"""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from raypo.storage import location
 from tests.cluster.harness import (
     Cluster,
     fresh_host_command,
@@ -111,6 +113,10 @@ def test_searches_on_a_cluster_without_shared_disks(s3_server, tmp_path):
         assert set(trials["status"]) == {"ok"}, trials[["trial_id", "status", "error"]]
         kept = sorted(trials["model_path"].dropna())
         assert len(kept) == 2, trials[["trial_id", "objective", "model_path"]]
+        # the search joined this cluster (its nodes' own resources), it started none
+        meta = json.loads(location(f"{root}/mn/search.json").read_text())
+        assert meta["address"] == cluster.address
+        assert {"node1", "node2"} <= set(meta["cluster_resources"]), meta["cluster_resources"]
         keys = s3_server.keys("cluster/mn/")
         for path in kept:
             assert f"cluster/mn/{path}/raypo.json" in keys

@@ -1,5 +1,6 @@
 """End-to-end searches on the built-in task: Ray Tune + Optuna, reports, select, failures,
-resume after the driver is killed, and a search on a separate multi-process Ray cluster."""
+resume after the driver is killed, a trial of two Ray Train workers. (A search on a separate
+multi-node Ray cluster is tests/cluster/test_multinode_search.py's.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -115,31 +115,33 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_sess
 
 @pytest.mark.slow
 def test_a_trial_with_two_workers_trains_under_ray_train_inside_the_search(ray_session,
-                                                                         tmp_path):
+                                                                         s3_server, tmp_path):
+    """A two-worker trial (a TorchTrainer inside the Tune trial) with the report on object
+    storage (the local S3 server): its Train run and checkpoint go under the search's
+    storage, rank 0 uploads the model, the driver keeps it there and it loads. (On a local
+    report rank 0 writes into the report's staging folder: tests/train/test_distributed.py.)"""
     space = write_space(tmp_path, "workers", budget={"trials": 1, "concurrency": 1},
                         resources={"workers": 2}, selection={"enabled": False}, loss="dpo",
                         steps=8)
-    result = cli("search", space, "--reports", tmp_path / "reports")
+    root = s3_server.uri("two-workers")
+    result = cli("search", space, "--reports", root)
     assert result.exit_code == 0, result.output
-    rep = reports.load(tmp_path / "reports" / "workers")
+    rep = reports.load(f"{root}/workers")
     (row,) = rep.trials.itertuples()
     assert row.status == "ok" and 0 <= row.objective <= 1
-    # a TorchTrainer ran it, its run (and checkpoints) under the search's own storage
-    train_runs = list((tmp_path / "reports" / "workers" / "tune" / "ray_train").iterdir())
-    assert any(row.trial_id in run.name for run in train_runs)
+    # a TorchTrainer ran it, its run and checkpoint under the search's own storage
+    train_files = s3_server.keys("two-workers/workers/tune/ray_train/")
+    assert any(row.trial_id in f and "/checkpoint_" in f for f in train_files), train_files
     # the evaluations of the Train run reach the report too
     assert sorted(rep.steps["step"]) == [4, 8]
-    # rank 0 wrote the trained policy, the driver kept it (keep: best 1 by default)
+    # rank 0 wrote the trained policy, the driver kept it (keep: best 1 by default); from a
+    # bucket `raypo export` downloads it
     assert row.model_path == f"models/{row.trial_id}"
+    exported = cli("export", f"{root}/workers", tmp_path / "exported")
+    assert exported.exit_code == 0, exported.output
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "reports" / "workers" / row.model_path)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
 
 
 def _env(cache) -> dict:
@@ -186,40 +188,6 @@ def test_a_killed_search_resumes_with_every_trial_exactly_once(raypo_cache, tmp_
     assert kept.to_numpy() == pytest.approx(before["objective"].to_numpy())
     steps = pd.read_parquet(folder / "steps.parquet")
     assert not steps.duplicated(["trial_id", "step"]).any()
-
-
-@pytest.mark.slow
-def test_a_search_runs_on_a_separate_multi_process_ray_cluster(raypo_cache, tmp_path):
-    port, dashboard = _free_port(), _free_port()
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", '--resources={"TRAIN_DRIVER": 2}', f"--dashboard-port={dashboard}",
-         "--disable-usage-stats"], env=_env(raypo_cache), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-        executable=str(Path(sys.executable).with_name("ray")))
-    try:
-        space = write_space(tmp_path, "cluster", budget={"trials": 2, "concurrency": 2},
-                            selection={"enabled": False}, loss="dpo",
-                            lr={"choice": [1.0e-3, 2.0e-3]}, sampler={"name": "grid"})
-        result = None
-        for _ in range(60):  # the head takes a few seconds to accept drivers
-            result = subprocess.run(
-                [sys.executable, "-m", "raypo", "search", str(space), "--reports",
-                 str(tmp_path / "reports"), "--address", f"127.0.0.1:{port}"],
-                env=_env(raypo_cache), capture_output=True, text=True, timeout=300)
-            if result.returncode == 0 or "Could not" not in result.stderr + result.stdout:
-                break
-            time.sleep(1)
-        assert result.returncode == 0, result.stderr[-3000:]
-        folder = tmp_path / "reports" / "cluster"
-        trials = pd.read_parquet(folder / "trials.parquet")
-        assert sorted(trials["lr"]) == [1.0e-3, 2.0e-3] and set(trials["status"]) == {"ok"}
-        meta = json.loads((folder / "search.json").read_text())
-        assert meta["address"] == f"127.0.0.1:{port}"
-        assert meta["cluster_resources"]["TRAIN_DRIVER"] == 2  # the cluster's, not a new one
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
 
 
 BAD_INPUTS = [

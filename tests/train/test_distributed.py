@@ -38,61 +38,49 @@ def test_global_batch_must_split_evenly_across_workers():
 
 @pytest.mark.slow
 def test_two_workers_match_one_worker_with_the_same_global_batch(ray_session, tmp_path):
+    """DDP on two CPU workers against one worker (the resume of a multi-worker run is the FSDP
+    test's: the same Ray Train restore); rank 0 writes the trained policy where a local
+    report stages it, and it holds the one-worker run's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from raypo.models.save import ModelSave
+
     single_history = []
-    single = train(prepare(load_config(None, [*SMALL, "steps=6"]), log=quiet),
-                   on_eval=lambda step, m: single_history.append(m))
-
-    def two_workers(steps, messages, history):
-        cfg = load_config(None, [*SMALL, f"steps={steps}", "num_workers=2"])
-        return train_distributed(cfg, trial_name="two-workers", storage_path=str(tmp_path),
-                                 log=messages.append, on_eval=lambda s, m: history.append(m))
-
-    first_log, second_log, history, second_history = [], [], [], []
-    first = two_workers(4, first_log, history)  # the first 4 steps of the 6-step run
-    assert [row["step"] for row in history] == [2, 4]
-    for got, want in zip(history, single_history[:2], strict=True):
+    single_setup = prepare(load_config(None, [*SMALL, "steps=6"]), log=quiet)
+    single = train(single_setup, on_eval=lambda step, m: single_history.append(m))
+    cfg = load_config(None, [*SMALL, "steps=6", "num_workers=2"])
+    messages, history = [], []
+    save = ModelSave(tmp_path / "model")
+    two = train_distributed(cfg, trial_name="two-workers", storage_path=str(tmp_path / "train"),
+                            log=messages.append, on_eval=lambda s, m: history.append(m),
+                            save=save)
+    assert any("(DistributedDataParallel)" in m for m in messages), messages
+    saved = AutoModelForCausalLM.from_pretrained(save.finish(cfg, {"status": "ok"}))
+    want = single_setup.policy.state_dict()
+    for name, weight in saved.state_dict().items():
+        torch.testing.assert_close(weight, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert [row["step"] for row in history] == [2, 4, 6]
+    for got, want in zip(history, single_history, strict=True):
         assert_same_run(got, want)
-    assert_same_run(first, single_history[1])
-    assert not any("resumed" in m for m in first_log)
-
-    # the same trial name again, now to 6 steps: it goes on from its step-4 checkpoint
-    second = two_workers(6, second_log, second_history)
-    assert any("resumed from step 4" in m for m in second_log), second_log
-    assert [row["step"] for row in second_history] == [2, 4, 6]
-    assert second_history[:2] == history
-    assert_same_run(second, single, (*COMPARED, "true_reward", "steps"))
+    assert_same_run(two, single, (*COMPARED, "true_reward", "steps"))
     # a difference of two sequence log-probs (~10 each): float noise of 1e-6 shows at 1e-5
-    assert second["kl"] == pytest.approx(single["kl"], abs=1e-5)
+    assert two["kl"] == pytest.approx(single["kl"], abs=1e-5)
 
 
-def _accumulate_on_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def _accumulate_loss_gradients(rank: int) -> list[torch.Tensor]:
+    """On an initialised process group: a loss module's learnable parameters (an nn.Linear
+    stands for them) after two micro-batches of this rank's share, their gradients averaged
+    across the workers by average_loss_gradients."""
     torch.manual_seed(0)
-    loss_fn = nn.Linear(3, 1)  # stands for a loss module's learnable parameters
+    loss_fn = nn.Linear(3, 1)
     average_loss_gradients(loss_fn)
     for inputs in _shares(rank):  # two micro-batches: accumulated gradients too
         loss_fn(inputs).mean().backward()
-    torch.save([p.grad for p in loss_fn.parameters()], f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    return [p.grad for p in loss_fn.parameters()]
 
 
 def _shares(rank: int) -> list[torch.Tensor]:
     return [torch.arange(12.0).reshape(4, 3) * (rank + 1) + micro for micro in range(2)]
-
-
-@pytest.mark.slow  # each spawned worker imports torch, ray.train and transformers (~10 s)
-def test_loss_parameter_gradients_are_averaged_across_workers(tmp_path):
-    mp.spawn(_accumulate_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    torch.manual_seed(0)
-    alone = nn.Linear(3, 1)
-    for rank in range(2):
-        for inputs in _shares(rank):
-            (alone(inputs).mean() / 2).backward()  # the mean over both workers' shares
-    for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        for grad, want in zip(got, alone.parameters(), strict=True):
-            torch.testing.assert_close(grad, want.grad)
 
 
 def test_fsdp_with_lora_is_refused():
@@ -142,6 +130,7 @@ def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
     results = {"once": _ddp_run()}
     loop.gradient_sync = lambda model, sync: contextlib.nullcontext()
     results["every"] = _ddp_run()
+    results["loss_grads"] = _accumulate_loss_gradients(rank)
     torch.save(results, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
@@ -182,10 +171,11 @@ DDP_RUN = ["steps=2", "grad_accum=3", "eval_every=10", "eval_samples=2", "htsr=o
 
 
 @pytest.mark.slow  # two spawned ranks import torch and transformers (~10 s)
-def test_ddp_all_reduces_once_per_optimizer_step_with_the_same_gradients(tmp_path):
+def test_ddp_all_reduces_once_per_step_and_loss_parameters_get_the_global_gradient(tmp_path):
     """grad_accum micro-batches, one all-reduce round (every bucket once) per optimizer step,
     not one per micro-batch; the accumulated gradients the optimizer sees are those of
-    all-reducing every micro-batch (to float noise)."""
+    all-reducing every micro-batch (to float noise). And the loss's own learnable parameters
+    get the gradient of the whole global batch, as the policy's do under DDP."""
     prepare(load_config(None, [*SMALL, *DDP_RUN]), log=quiet)  # the caches, once, here
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
@@ -198,3 +188,11 @@ def test_ddp_all_reduces_once_per_optimizer_step_with_the_same_gradients(tmp_pat
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for a, b in zip(ranks[0]["once"]["grads"][-1], ranks[1]["once"]["grads"][-1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # DDP: every rank the same
+    torch.manual_seed(0)
+    alone = nn.Linear(3, 1)
+    for rank in range(2):
+        for inputs in _shares(rank):
+            (alone(inputs).mean() / 2).backward()  # the mean over both workers' shares
+    for got in ranks:
+        for grad, want in zip(got["loss_grads"], alone.parameters(), strict=True):
+            torch.testing.assert_close(grad, want.grad)
