@@ -373,10 +373,11 @@ def select(
         for r in stats.itertuples():
             typer.echo(
                 f"{r.rank}. {r.label}: {metric} {r.mean:.4f} (95% CI {r.ci_low:.4f} to "
-                f"{r.ci_high:.4f}, n {r.n}); {r.baseline} {r.baseline_mean:.4f} "
-                f"(95% CI {r.baseline_ci_low:.4f} to {r.baseline_ci_high:.4f}); difference "
-                f"{r.diff_mean:+.4f} (95% CI {r.diff_ci_low:+.4f} to {r.diff_ci_high:+.4f}), "
-                f"Holm p {r.p_holm:.3g}, d_z {r.effect_size:.2f}")
+                f"{r.ci_high:.4f}{_clipped(r, '')}, n {r.n}); {r.baseline} "
+                f"{r.baseline_mean:.4f} (95% CI {r.baseline_ci_low:.4f} to "
+                f"{r.baseline_ci_high:.4f}{_clipped(r, 'baseline_')}); difference "
+                f"{r.diff_mean:+.4f} (95% CI {r.diff_ci_low:+.4f} to {r.diff_ci_high:+.4f}"
+                f"{_clipped(r, 'diff_')}), Holm p {r.p_holm:.3g}, d_z {r.effect_size:.2f}")
         typer.echo(f"verdict: {rep.verdict}")
         _echo_model(report, out["model_path"], "the best finalist's best seed")
         return
@@ -405,6 +406,12 @@ def _chosen_model(rep, best) -> str | None:
         return confirmation.get("model_path")
     path = best.iloc[0].get("model_path") if len(best) else None
     return path if isinstance(path, str) and path else None
+
+
+def _clipped(row, prefix: str) -> str:
+    """", clipped to the metric's range" where the interval was (raypo.reports.stats)."""
+    return ", clipped to the metric's range" if getattr(row, f"{prefix}ci_clipped",
+                                                         False) else ""
 
 
 def _echo_model(report: str, path: str | None, what: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from raypo.files import atomic_write
-from raypo.reports.schema import NOT_PARAMETERS, is_parameter
+from raypo.reports.schema import NOT_PARAMETERS, is_parameter, metric_bounds
 from raypo.reports.status import incomplete_note
 from raypo.reports.tables import Report
 
@@ -357,14 +357,26 @@ def target_quantile(n: int) -> float:
     return min(0.5, max(0.1, 5 / max(n, 1)))
 
 
+def min_trials_for_importances(searched: int) -> int:
+    """The finished trials below which importances are not shown: max(8, 2 x the searched
+    parameters). PED-ANOVA compares the best quantile with the rest; from two trials it
+    gives 0.5 and 0.5 to two parameters whatever they do."""
+    return max(8, 2 * searched)
+
+
 def importances(report: Report) -> dict[str, float] | str:
     """Optuna's parameter importances on the finished trials, or the reason there are none.
     The evaluator is Optuna's default, PED-ANOVA, which (unlike fANOVA) also ranks conditional
     parameters (a `gamma` only some losses have), with its quantile sized to the search."""
     ok = finished(report)
-    if len(ok) < 2:
-        return "Parameter importances need at least two finished trials."
-    columns = varying(ok, hyperparameter_columns(report))
+    searched = hyperparameter_columns(report)
+    need = min_trials_for_importances(len(searched))
+    if len(ok) < need:
+        return (f"Parameter importances need at least {need} finished trials (8, or two per "
+                f"searched parameter: {len(searched)} here); this search has {len(ok)}. With "
+                "fewer, one or two trials decide them, and the numbers would look like "
+                "evidence that they are not.")
+    columns = varying(ok, searched)
     if not columns:
         return "No hyperparameter varied across the finished trials: nothing to rank."
     import optuna
@@ -518,6 +530,14 @@ def confirmation_section(report: Report) -> str:
     caption = (f"Each finalist against {baseline} (same settings but the loss), "
                f"{int(stats['seeds'].iloc[0])} seeds each; the paired t-test by seed, Holm's "
                "correction across finalists, d_z the paired effect size.")
+    flags = [c for c in ("ci_clipped", "baseline_ci_clipped", "diff_ci_clipped")
+             if c in stats]
+    if flags and stats[flags].to_numpy(bool).any():
+        low, high = metric_bounds(metric)
+        caption += (f" {metric} lies in [{low:g}, {high:g}]: intervals that reached past it "
+                    f"are clipped to it (a difference to [{low - high:g}, {high - low:g}]), "
+                    "as the clipped columns say.")
+        shown = stats[[*shown.columns, *flags]]
     return (f"<p><strong>{esc(report.verdict or '')}</strong></p><figure>{svg(fig)}"
             f"<figcaption>{esc(caption)}</figcaption></figure>" + table(shown, "confirmation"))
 

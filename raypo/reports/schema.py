@@ -44,6 +44,19 @@ STATUSES = ("ok", "failed", "pruned", "interrupted")
 # Columns that never take part in parameter importances: bookkeeping, and the seed, which
 # is noise to average over, not a parameter to choose.
 NOT_PARAMETERS = frozenset(BOOKKEEPING) | {"seed", "data_seed"}
+# The metrics that cannot leave a range, and the range: shares, and the built-in task's true
+# reward (the share of adjacent digits in order, raypo.data.builtin.sortedness). An interval
+# of their mean is clipped to it (raypo.reports.stats).
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "pref_accuracy": (0.0, 1.0),
+    "true_reward": (0.0, 1.0),
+    "ref_true_reward": (0.0, 1.0),
+}
+
+
+def metric_bounds(metric: str) -> tuple[float, float] | None:
+    """The range `metric` cannot leave, or None (a `final_<name>` column is `name`'s)."""
+    return METRIC_BOUNDS.get(metric.removeprefix("final_"))
 
 
 def _scalar(value: Any) -> bool:
@@ -162,6 +175,29 @@ def describe(row) -> str:
     parts = [f"{key} {row[key]}" for key in IDENTITY[2:]
              if key in row and isinstance(row[key], str)]
     return f"{row['loss']} ({', '.join(parts)})" if parts else str(row["loss"])
+
+
+def distinct_labels(rows: list, searched: list[dict]) -> list[str]:
+    """`describe` of each row, and where two rows would read the same, the searched values
+    that set them apart (`kernel_dpo (kernel polynomial, divergence kl) [kernel_dpo.beta
+    0.12, lr 0.0031]`): finalists that differ only in beta and learning rate are told apart.
+    `searched`: each row's searched values by parameter name."""
+    labels = [describe(row) for row in rows]
+    out = list(labels)
+    for label in set(labels):
+        group = [i for i, other in enumerate(labels) if other == label]
+        if len(group) < 2:
+            continue
+        keys = [k for k in dict.fromkeys(k for i in group for k in searched[i])
+                if len({repr(searched[i].get(k)) for i in group}) > 1]
+        for i in group:
+            parts = ", ".join(f"{k} {_short(searched[i].get(k))}" for k in keys)
+            out[i] = f"{label} [{parts}]" if parts else label
+    return out
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def missing(value) -> bool:

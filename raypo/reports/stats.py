@@ -16,6 +16,12 @@ runs of one seed share much of their noise; their difference is what the test lo
 - the p-values of all finalists corrected together with Holm's step-down method (which keeps
   the family-wise error rate at 5% without assuming independence);
 - the effect size Cohen's d_z = mean(d) / std(d), the paired-design d.
+
+A metric with bounds (a share, a reward in [0, 1]: raypo.reports.schema.METRIC_BOUNDS) has
+its intervals clipped to what it can take: the mean's to [low, high], the difference's to
+[low - high, high - low]. The t-interval assumes a normal mean and reaches past a bound when
+a few seeds sit near it; the clipped interval is the same interval intersected with the
+possible values, and `ci_clipped` / `diff_ci_clipped` say that it happened.
 """
 
 from __future__ import annotations
@@ -35,9 +41,25 @@ def _clean(values) -> np.ndarray:
     return x[np.isfinite(x)]
 
 
-def summary(values, level: float = LEVEL) -> dict[str, float]:
+def _clip(out: dict, prefix: str, bounds: tuple[float, float] | None) -> dict:
+    """`out`'s interval `<prefix>ci_low/high` within `bounds`, and `<prefix>ci_clipped`."""
+    out[f"{prefix}ci_clipped"] = False
+    if bounds is None or math.isnan(out[f"{prefix}ci_low"]):
+        return out
+    low, high = bounds
+    clipped_low = max(out[f"{prefix}ci_low"], low)
+    clipped_high = min(out[f"{prefix}ci_high"], high)
+    out[f"{prefix}ci_clipped"] = (clipped_low, clipped_high) != (out[f"{prefix}ci_low"],
+                                                                 out[f"{prefix}ci_high"])
+    out[f"{prefix}ci_low"], out[f"{prefix}ci_high"] = clipped_low, clipped_high
+    return out
+
+
+def summary(values, level: float = LEVEL, bounds: tuple[float, float] | None = None
+            ) -> dict[str, float]:
     """`n`, `mean`, `std` (ddof 1) and the t-interval of the mean (`ci_low`, `ci_high`);
-    NaN where the sample is too small (the interval needs two values)."""
+    NaN where the sample is too small (the interval needs two values). `bounds`: the
+    metric's range, which the interval is clipped to (`ci_clipped`)."""
     x = _clean(values)
     n = len(x)
     out = {"n": n, "mean": float(x.mean()) if n else math.nan,
@@ -49,13 +71,15 @@ def summary(values, level: float = LEVEL) -> dict[str, float]:
         else:
             ci = stats.ttest_1samp(x, 0.0).confidence_interval(level)
             out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
-    return out
+    return _clip(out, "", bounds)
 
 
-def paired(a, b, level: float = LEVEL) -> dict[str, float]:
+def paired(a, b, level: float = LEVEL, bounds: tuple[float, float] | None = None
+           ) -> dict[str, float]:
     """The paired comparison of a with b (equal-length sequences, aligned by seed; pairs with
     a missing side are dropped): `n`, `diff_mean`, `diff_std`, `diff_ci_low/high` (t-interval
-    of the mean difference), `t`, `p` (two-sided ttest_rel) and `effect_size` (d_z).
+    of the mean difference, clipped to what a difference of a metric within `bounds` can
+    be: `diff_ci_clipped`), `t`, `p` (two-sided ttest_rel) and `effect_size` (d_z).
 
     Identical samples (every difference 0) give p = 1 and the interval [0, 0]: no evidence of
     a difference, where scipy returns NaN."""
@@ -70,11 +94,12 @@ def paired(a, b, level: float = LEVEL) -> dict[str, float]:
            "diff_std": float(d.std(ddof=1)) if n > 1 else math.nan,
            "diff_ci_low": math.nan, "diff_ci_high": math.nan, "t": math.nan, "p": math.nan,
            "effect_size": math.nan}
+    span = None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
     if n < 2:
-        return out
+        return _clip(out, "diff_", span)
     if np.all(d == 0):
         out.update(diff_ci_low=0.0, diff_ci_high=0.0, t=0.0, p=1.0, effect_size=0.0)
-        return out
+        return _clip(out, "diff_", span)
     with warnings.catch_warnings():  # near-identical samples: scipy warns, the value stands
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_rel(a, b)
@@ -85,7 +110,7 @@ def paired(a, b, level: float = LEVEL) -> dict[str, float]:
         out["effect_size"] = out["diff_mean"] / out["diff_std"]
     else:
         out["effect_size"] = math.copysign(math.inf, out["diff_mean"])
-    return out
+    return _clip(out, "diff_", span)
 
 
 def holm(pvalues) -> list[float]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from raypo.losses import LOSSES
-from raypo.reports.schema import describe, searched_values
+from raypo.reports.schema import distinct_labels, metric_bounds, searched_values
 from raypo.reports.stats import ALPHA, holm, paired, summary
 from raypo.reports.writer import read_table, write_json_atomic, write_parquet_atomic
 from raypo.search import tuning
@@ -131,7 +131,9 @@ def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Pl
     plan = Plan(seeds=seeds, metric=objective.metric, mode=objective.mode,
                 baseline=str(settings.baseline["name"]))
     configs: dict[str, tuple[TrainConfig, str, dict]] = {}
-    for rank, (row, values) in enumerate(finalists(trials, space, settings.top), 1):
+    picked = finalists(trials, space, settings.top)
+    labels = distinct_labels([row for row, _ in picked], [values for _, values in picked])
+    for rank, ((row, values), label) in enumerate(zip(picked, labels, strict=True), 1):
         cfg = space.config(values)
         try:
             base = baseline_config(cfg, settings.baseline)
@@ -141,7 +143,7 @@ def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Pl
         configs[fid] = (cfg, "finalist", values)
         configs.setdefault(bid, (base, "baseline", {}))
         plan.finalists.append({"rank": rank, "trial_id": row["trial_id"], "config_id": fid,
-                               "baseline_id": bid, "label": describe(row),
+                               "baseline_id": bid, "label": label,
                                "search_objective": float(row["objective"])})
     for cid, (cfg, role, values) in configs.items():
         for seed in seeds:
@@ -283,7 +285,9 @@ def confirmation_stats(plan: Plan, rows: pd.DataFrame) -> pd.DataFrame:
     for f in plan.finalists:
         a = _by_seed(rows, f["config_id"], plan.seeds, plan.metric)
         b = _by_seed(rows, f["baseline_id"], plan.seeds, plan.metric)
-        mine, base, diff = summary(a), summary(b), paired(a, b)
+        bounds = metric_bounds(plan.metric)  # a share's interval stays within [0, 1]
+        mine, base = summary(a, bounds=bounds), summary(b, bounds=bounds)
+        diff = paired(a, b, bounds=bounds)
         out.append({
             "rank": f["rank"], "trial_id": f["trial_id"], "label": f["label"],
             "config_id": f["config_id"], "baseline_id": f["baseline_id"],

@@ -17,6 +17,7 @@ from raypo.cli import app
 from raypo.reports.html import (
     hyperparameter_columns,
     importances,
+    min_trials_for_importances,
     pareto_front,
     render_html,
     write_html,
@@ -123,9 +124,19 @@ def test_heatmap_shows_means_counts_and_predicted_ranks(report, page):
 
 
 def test_the_parameter_that_sets_the_objective_is_more_important_than_noise(report):
-    result = importances(report)
+    result = importances(report)  # 16 finished trials, 6 searched parameters: enough
     assert isinstance(result, dict), result
     assert result["kernel_dpo.beta"] > result["kernel_dpo.gamma"]
+
+
+def test_importances_wait_for_eight_or_two_finished_trials_per_searched_parameter(tmp_path):
+    """11 finished trials and 6 searched parameters: fewer than 12, no importances and the
+    page says why; 12: importances."""
+    assert min_trials_for_importances(2) == 8 and min_trials_for_importances(6) == 12
+    short = importances(write_search(tmp_path / "short", n=11))
+    assert isinstance(short, str) and "at least 12 finished trials" in short, short
+    assert "this search has 11" in short
+    assert isinstance(importances(write_search(tmp_path / "enough", n=12)), dict)
 
 
 def test_best_trials_follow_the_objectives_mode(tmp_path):
@@ -141,7 +152,8 @@ def test_missing_kernels_true_reward_and_trials_give_notes(tmp_path):
                                     selection=False))
     assert "No kernel trials" in page
     assert "No true_reward column" in page
-    assert "at least two finished trials" in page
+    # 1 finished trial, 6 searched parameters: importances need max(8, 2 x 6) = 12
+    assert "need at least 12 finished trials" in page and "this search has 1." in page
     assert page.count("<svg") == 1  # only the objective over trials
 
 

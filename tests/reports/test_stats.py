@@ -29,6 +29,30 @@ def test_summary_is_the_mean_the_sample_std_and_the_t_interval():
         2.5 + half)
 
 
+def test_an_interval_past_a_metrics_bounds_is_clipped_to_them_and_says_so():
+    """A share near 1 over four seeds: the t-interval (by hand, as above) reaches past 1;
+    with the metric's bounds it stops at 1, the low end unchanged; an interval inside the
+    bounds is left as it is. A difference of two shares is clipped to [-1, 1]."""
+    from raypo.reports.schema import metric_bounds
+
+    values = [0.90, 0.95, 1.0, 1.0]
+    mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = T_975_3 * sd / 2
+    assert mean + half > 1.0  # past the bound: what the page showed before
+    bounds = metric_bounds("pref_accuracy")
+    assert bounds == (0.0, 1.0) and metric_bounds("final_true_reward") == (0.0, 1.0)
+    assert metric_bounds("kl") is None
+    out = summary(values, bounds=bounds)
+    assert out["ci_high"] == 1.0 and out["ci_low"] == pytest.approx(mean - half)
+    assert out["ci_clipped"] is True
+    assert summary(values)["ci_high"] == pytest.approx(mean + half)  # no bounds: as before
+    inside = summary([0.4, 0.5, 0.6], bounds=bounds)
+    assert inside["ci_clipped"] is False and inside["ci_low"] > 0 and inside["ci_high"] < 1
+    diff = paired([1.0, 0.1, 1.0], [0.0, 0.9, 0.0], bounds=bounds)  # spread: a wide interval
+    assert diff["diff_ci_clipped"] is True
+    assert diff["diff_ci_low"] >= -1.0 and diff["diff_ci_high"] == 1.0
+
+
 def test_summary_of_one_value_has_no_interval_and_missing_values_are_dropped():
     assert math.isnan(summary([0.7])["ci_low"]) and summary([0.7])["mean"] == 0.7
     assert summary([1.0, float("nan"), 3.0])["n"] == 2

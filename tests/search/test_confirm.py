@@ -79,6 +79,22 @@ def test_finalists_are_the_best_distinct_configurations_each_with_its_baseline()
     assert {r["seed"] for r in plan.runs} == {1, 2, 3}
 
 
+def test_finalists_that_read_the_same_are_labelled_by_what_sets_them_apart():
+    """Two kernel_dpo finalists that differ only in beta and learning rate (the quickstart's
+    page showed two "kernel_dpo (kernel polynomial, divergence kl)"): each label names its
+    beta and lr; a finalist unlike the others keeps its plain label."""
+    space = space_of(**SPACE)
+    trials = trials_of(space, [
+        ({"loss": "kernel_dpo", "kernel_dpo.beta": 0.2, "lr": 1e-3}, 0.9),
+        ({"loss": "kernel_dpo", "kernel_dpo.beta": 0.35, "lr": 3.1e-3}, 0.85),
+        ({"loss": "ipo", "ipo.beta": 0.3, "lr": 2e-3}, 0.8),
+    ])
+    labels = [f["label"] for f in make_plan(trials, space, Confirm(top=3, seeds=2)).finalists]
+    plain = "kernel_dpo (kernel rbf)"  # the default kernel, no divergence penalty
+    assert labels == [f"{plain} [kernel_dpo.beta 0.2, lr 0.001]",
+                      f"{plain} [kernel_dpo.beta 0.35, lr 0.0031]", "ipo"]
+
+
 def test_a_finalist_that_is_the_baseline_is_its_own_baseline_and_runs_once():
     space = space_of(**SPACE)
     trials = trials_of(space, [({"loss": "dpo", "dpo.beta": 0.1, "lr": 1e-3}, 0.9),
