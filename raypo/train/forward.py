@@ -222,13 +222,16 @@ def vocab_block(chunk: int, vocab: int, device_type: str) -> int:
 
 
 class _BlockLogits:
-    """h W_b^T + b_b in float32 for one vocabulary block W_b = W[v:v + block] at a time;
-    float32 weights' go into one buffer reused from block to block (a fresh tensor per
-    block would be fresh pages on the CPU, each faulted and zeroed by the kernel)."""
+    """h W_b^T + b_b in float32 for one vocabulary block W_b = W[v:v + block] at a time; on
+    the CPU float32 weights' go into one buffer reused from block to block (a fresh tensor
+    per block would be fresh pages, each faulted and zeroed by the kernel). A GPU's caching
+    allocator reuses memory itself, and there a plain F.linear keeps float16 autocast's
+    casts (an out= product is not autocast)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, block: int):
         self.weight, self.bias = weight, bias
-        self.buffer = (weight.new_empty(rows, block) if weight.dtype == torch.float32
+        self.buffer = (weight.new_empty(rows, block)
+                       if weight.dtype == torch.float32 and weight.device.type == "cpu"
                        else None)
 
     def __call__(self, h: Tensor, v: int, block: int) -> Tensor:
