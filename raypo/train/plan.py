@@ -33,8 +33,9 @@ bfloat16 and float16 2):
   vocabulary-sized tensors live at a time. A plain linear head and a loss that reads only
   log-probs (dpo and most others) take one vocabulary block at a time (`vocab_block`: the
   whole vocabulary on a GPU) in one float32 buffer, and under bfloat16 or float16 the
-  block's logits or their gradient in that dtype beside it (`fused_chunk_bytes`); a frozen head
-  (LoRA elsewhere) keeps E_p[W] (N x h float32) instead of recomputing. A loss with token
+  block's logits or their gradient in that dtype beside it, on the CPU with a float32
+  product too (`fused_chunk_bytes`); a frozen head (LoRA elsewhere) keeps E_p[W]
+  (N x h float32) instead of recomputing. A loss with token
   terms (divergences, tdpo, epsilon_dpo) or a head LoRA adapts: at the chunk backward's peak
   CHUNK_COPIES float32 copies of chunk x V (the recomputed logits, the gather's gradient,
   logsumexp's backward), measured, under bfloat16 or float16 the logits in that dtype too,
