@@ -229,19 +229,26 @@ class _BlockLogits:
     casts (an out= product is not autocast)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, block: int):
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.block = weight, bias, block
         self.buffer = (weight.new_empty(rows, block)
                        if weight.dtype == torch.float32 and weight.device.type == "cpu"
                        else None)
 
-    def __call__(self, h: Tensor, v: int, block: int) -> Tensor:
-        w = self.weight[v:v + block]
-        bias = None if self.bias is None else self.bias[v:v + block]
+    def __call__(self, h: Tensor, v: int) -> Tensor:
+        w = self.weight[v:v + self.block]
+        bias = None if self.bias is None else self.bias[v:v + self.block]
         if self.buffer is None or h.dtype != torch.float32:
             return F.linear(h, w, bias).float()
         z = self.buffer[:h.shape[0], :w.shape[0]]
         torch.matmul(h, w.t(), out=z)
         return z if bias is None else z.add_(bias)
+
+
+def _in_block(targets: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
+    """Which targets fall in the vocabulary block [start, start + width), and each target's
+    column in the block (clamped into it where it falls outside: read only where inside)."""
+    inside = (targets >= start) & (targets < start + width)
+    return inside, (targets - start).clamp(0, width - 1)[:, None]
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -271,9 +278,8 @@ class _LinearLogProbs(torch.autograd.Function):
             total, squares, target_logit = (torch.zeros_like(top) for _ in range(3))
             acc = torch.zeros_like(expected[i:i + chunk]) if frozen else None
             for v in range(0, vocab, block):
-                z = logits(h_part, v, block)
-                inside = (t >= v) & (t < v + z.shape[1])
-                at = (t - v).clamp(0, z.shape[1] - 1)[:, None]
+                z = logits(h_part, v)
+                inside, at = _in_block(t, v, z.shape[1])
                 target_logit = torch.where(inside, z.gather(1, at)[:, 0], target_logit)
                 new_top = torch.maximum(top, z.amax(1))
                 rescale = (top - new_top).exp()  # 0 on the first block (top = -inf)
@@ -314,11 +320,10 @@ class _LinearLogProbs(torch.autograd.Function):
             h_part, t = h[i:i + chunk], targets[i:i + chunk]
             g, lse = grad_logps[i:i + chunk, None], log_normalizer[i:i + chunk, None]
             for v in range(0, vocab, block):
-                z = logits(h_part, v, block)
+                z = logits(h_part, v)
                 grad_z = z.sub_(lse).exp_().mul_(-g)  # -g softmax
-                inside = ((t >= v) & (t < v + z.shape[1]))[:, None]
-                at = (t - v).clamp(0, z.shape[1] - 1)[:, None]
-                grad_z.scatter_add_(1, at, g * inside)  # + g onehot(target)
+                inside, at = _in_block(t, v, z.shape[1])
+                grad_z.scatter_add_(1, at, g * inside[:, None])  # + g onehot(target)
                 grad_z = grad_z.to(weight.dtype)
                 if need_h:
                     grad_h[i:i + chunk].addmm_(grad_z, weight[v:v + block])
