@@ -318,9 +318,11 @@ def select(
 ) -> None:
     """The chosen variant of a search and how sure it is: the confirmation's verdict (the
     finalists against the baseline over several seeds) or, without one, the single-seed
-    ranking of kernel-divergence pairs (or of trials)."""
+    ranking of kernel-divergence pairs (or of trials). The ranking compares every trial,
+    pruned ones included, at the highest step all of them reached (Report.at_common_step)."""
     from raypo.reports import load
     from raypo.reports.schema import describe
+    from raypo.reports.tables import common_step_note
 
     if top < 1:
         _fail("--top: expected a positive number")
@@ -329,11 +331,16 @@ def select(
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
     metric, mode = rep.objective["metric"], rep.objective["mode"]
-    pairs = rep.pairs().head(top)
-    best = rep.ok.sort_values("objective", ascending=mode == "min").head(top)
+    all_pairs = rep.pairs()  # at the common step, pruned trials counted per pair
+    pairs = all_pairs.head(top)
+    common = rep.at_common_step()
+    best = common.sort_values("value", ascending=mode == "min", kind="stable").head(top)
     if pairs.empty and best.empty:
-        _fail(f"{report}: no finished trial to choose from; {len(rep.trials)} trials in the "
-              "report")
+        _fail(f"{report}: no finished trial to choose from (nor a pruned one with a value); "
+              f"{len(rep.trials)} trials in the report")
+    values = common_step_note(common, "counted per pair" if not pairs.empty else "marked p")
+    # the model: the best finished trial's (a pruned trial keeps none)
+    finished = rep.ok.sort_values("objective", ascending=mode == "min").head(1)
     from raypo.reports.status import incomplete_note
 
     note = incomplete_note(rep)  # a part of a search is not the search: say so first
@@ -345,18 +352,24 @@ def select(
         "report": str(report), "status": rep.status, "incomplete": note, "metric": metric,
         "mode": mode,
         "single_seed": not confirmed,
+        "values": {"basis": common.attrs["basis"], "step": common.attrs["step"],
+                   "pruned": common.attrs["pruned"], "left_out": common.attrs["left_out"],
+                   "note": values},
         "pairs": [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
                    "metric": metric, "std": _number(r.std), "best": r.best,
-                   "trials": int(r.trials), "predicted_rank": _number(r.predicted_rank)}
+                   "trials": int(r.trials), "pruned": int(r.pruned),
+                   "predicted_rank": _number(r.predicted_rank)}
                   for r in pairs.itertuples()],
         "best": [{"trial_id": row["trial_id"], "variant": describe(row),
-                  "objective": _number(row["objective"])} for _, row in best.iterrows()],
+                  "status": row["status"],
+                  "step": None if math.isnan(row["step"]) else int(row["step"]),
+                  "objective": _number(row["value"])} for _, row in best.iterrows()],
         "confirmation": [{k: _number(v) for k, v in row.items()}
                          for row in stats.to_dict("records")]
         if confirmed else None,
         "verdict": rep.verdict if confirmed else
         "single-seed ranking: no confirmation has run (raypo confirm REPORT)",
-        "model_path": _chosen_model(rep, best),
+        "model_path": _chosen_model(rep, finished),
     }
     if as_json:
         typer.echo(json.dumps(out))
@@ -381,21 +394,26 @@ def select(
         typer.echo(f"verdict: {rep.verdict}")
         _echo_model(report, out["model_path"], "the best finalist's best seed")
         return
+    typer.echo(f"values: {values}")
     if not pairs.empty:
-        typer.echo(f"{len(rep.pairs())} kernel-divergence pairs tried:")
+        typer.echo(f"{len(all_pairs)} kernel-divergence pairs tried:")
         for i, r in enumerate(out["pairs"], 1):
             spread = "" if r["std"] is None else f" ± {r['std']:.4f}"
             rank = "-" if r["predicted_rank"] is None else int(r["predicted_rank"])
+            pruned = f", {r['pruned']} pruned" if r["pruned"] else ""
             typer.echo(f"{i}. kernel {r['kernel']}, divergence {r['divergence']}: "
                        f"{metric} {r['objective']:.4f}{spread} (best {r['best']:.4f}, "
-                       f"{r['trials']} trial{'s' * (r['trials'] != 1)}, predicted rank {rank})")
+                       f"{r['trials']} trial{'s' * (r['trials'] != 1)}{pruned}, "
+                       f"predicted rank {rank})")
     else:
         for i, r in enumerate(out["best"], 1):
-            typer.echo(f"{i}. {r['trial_id']} {r['variant']}: {metric} {r['objective']:.4f}")
+            mark = " p" if r["status"] == "pruned" else ""
+            typer.echo(f"{i}.{mark} {r['trial_id']} {r['variant']}: {metric} "
+                       f"{r['objective']:.4f}")
     typer.echo("this ranking is single-seed: each trial ran once, across different settings, "
                "so its order may be seed noise; `raypo confirm REPORT` (or `confirm:` in the "
                "space) tests the best against dpo over several seeds")
-    _echo_model(report, out["model_path"], "the best trial")
+    _echo_model(report, out["model_path"], "the best finished trial")
 
 
 def _chosen_model(rep, best) -> str | None:

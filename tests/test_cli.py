@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from raypo.cli import app
@@ -75,3 +76,48 @@ def test_float16_on_the_cpu_exits_2_naming_bfloat16(tmp_path):
     assert result.exit_code == 2, result.output
     assert "dtype: float16" in result.output and "use dtype: bfloat16" in result.output
     assert not (tmp_path / "builtin_dpo" / "trials.parquet").exists()
+
+
+@pytest.mark.timeout(120)
+def test_select_ranks_pairs_at_the_step_every_trial_reached(tmp_path):
+    from tests.reports.test_tables import write_pruned_search
+
+    write_pruned_search(tmp_path)
+    result = _run(["select", str(tmp_path), "--top", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    # by hand, true_reward at step 50 (where the first pruned trial stopped): polynomial/js
+    # 0.95 (pruned c), rbf/kl (0.6 + 0.9) / 2 from a and b, polynomial/kl 0.2 (pruned d)
+    assert lines[1] == ("values: true_reward at step 50, the highest step every trial reached "
+                        "(the finished ones and those the scheduler stopped); 2 pruned "
+                        "trials, counted per pair")
+    assert lines[3].startswith("1. kernel polynomial, divergence js: true_reward 0.9500 ")
+    assert "1 trial, 1 pruned, predicted rank 2" in lines[3]
+    assert lines[4].startswith("2. kernel rbf, divergence kl: true_reward 0.7500 ± ")
+    assert "(best 0.9000, 2 trials, predicted rank 1)" in lines[4]
+    assert lines[5].startswith("3. kernel polynomial, divergence kl: true_reward 0.2000 ")
+    chosen = json.loads(_run(["select", str(tmp_path), "--json", "--top", "3"])
+                        .output.splitlines()[-1])
+    assert chosen["values"]["step"] == 50 and chosen["values"]["pruned"] == 2
+    assert [(p["objective"], p["trials"], p["pruned"]) for p in chosen["pairs"]] == [
+        (pytest.approx(0.95), 1, 1), (pytest.approx(0.75), 2, 0), (pytest.approx(0.2), 1, 1)]
+    assert [(b["trial_id"], b["status"], b["step"]) for b in chosen["best"]] == [
+        ("c", "pruned", 50), ("b", "ok", 50), ("h", "ok", 50)]
+
+
+@pytest.mark.timeout(120)
+def test_select_marks_pruned_trials_and_says_when_it_has_only_final_values(tmp_path):
+    from tests.reports.test_tables import write_pruned_search
+
+    rows = [("x", "ok", None, None, {50: 0.8, 100: 0.5}),
+            ("y", "pruned", None, None, {50: 0.6})]
+    write_pruned_search(tmp_path / "steps", rows)
+    output = _run(["select", str(tmp_path / "steps"), "--top", "2"]).output
+    assert "values: true_reward at step 50" in output and "1 pruned trial, marked p" in output
+    assert "1. x dpo: true_reward 0.8000" in output and "2. p y dpo: true_reward 0.6000" in output
+    write_pruned_search(tmp_path / "old", rows, steps=False)  # before steps.parquet
+    output = _run(["select", str(tmp_path / "old"), "--top", "2"]).output
+    assert ("values: true_reward: the finished trials' final values; this report has no "
+            "per-evaluation values (steps.parquet), so its 1 pruned trial, stopped at earlier "
+            "steps, is left out") in output
+    assert "1. x dpo: true_reward 0.5000" in output and " y " not in output

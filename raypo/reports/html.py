@@ -4,8 +4,10 @@ The page reads without a network: every figure is an inline SVG drawn by matplot
 sheet is inline, and nothing is loaded from elsewhere. Sections, top to bottom:
 
 - summary: search name, objective(s), trials by status, the best trial and its hyperparameters;
-- the kernel x divergence heatmap of the objective (mean over finished trials per cell, the
-  number of trials and the selection rule's predicted rank in each cell);
+- the kernel x divergence heatmap of the objective (mean per cell over the trials at the
+  common step, Report.at_common_step: the finished trials and the pruned ones, compared at the
+  highest step all of them reached; the number of trials, how many were pruned, and the
+  selection rule's predicted rank in each cell);
 - the objective over trials (by trial number) with the best-so-far line;
 - the true-reward-vs-KL frontier of the built-in task, Pareto front highlighted;
 - parameter importances from Optuna, on an in-memory study rebuilt from the trials table;
@@ -31,7 +33,7 @@ import pandas as pd
 from raypo.files import atomic_write
 from raypo.reports.schema import NOT_PARAMETERS, is_parameter, metric_bounds
 from raypo.reports.status import incomplete_note
-from raypo.reports.tables import Report
+from raypo.reports.tables import Report, common_step_note
 
 # Shown beside the objective in the best-trials table, when present.
 TABLE_METRICS = ("true_reward", "kl", "pref_accuracy", "reward_margin", "tokens_per_s", "wall_s")
@@ -155,13 +157,13 @@ def svg(fig) -> str:
 
 
 def heatmap_section(report: Report) -> str:
-    ok = finished(report)
+    common = report.at_common_step()  # finished and pruned trials, at one step
     selection = report.selection
     has_selection = not selection.empty and {"kernel", "divergence", "predicted_rank"} <= set(
         selection.columns)
-    kernel_trials = ok[ok["kernel"].notna()] if "kernel" in ok else ok.iloc[0:0]
+    kernel_trials = common[common["kernel"].notna()] if "kernel" in common else common.iloc[0:0]
     if kernel_trials.empty:
-        return note("No kernel trials: no finished trial has a kernel, so there is no "
+        return note("No kernel trials: no trial with a value has a kernel, so there is no "
                     "kernel x divergence heatmap." + (" The selection rule's ranking is in "
                     "selection.parquet." if has_selection else ""))
 
@@ -172,8 +174,10 @@ def heatmap_section(report: Report) -> str:
     cells = kernel_trials.assign(
         _k=kernel_trials["kernel"].map(label),
         _d=(kernel_trials["divergence"] if "divergence" in kernel_trials
-            else pd.Series(None, index=kernel_trials.index, dtype=object)).map(label))
-    stats = cells.groupby(["_k", "_d"])["objective"].agg(["mean", "count"])
+            else pd.Series(None, index=kernel_trials.index, dtype=object)).map(label),
+        _pruned=kernel_trials["status"] == "pruned")
+    stats = cells.groupby(["_k", "_d"]).agg(mean=("value", "mean"), count=("value", "size"),
+                                            pruned=("_pruned", "sum"))
     ranks: dict[tuple[str, str], float] = {}
     if has_selection:
         for row in selection.itertuples(index=False):
@@ -203,8 +207,9 @@ def heatmap_section(report: Report) -> str:
         for j, d in enumerate(divergences):
             lines = []
             if (k, d) in stats.index:
-                mean, count = stats.loc[(k, d)]
-                lines += [f"{mean:.3g}", f"n={int(count)}"]
+                mean, count, pruned = stats.loc[(k, d), ["mean", "count", "pruned"]]
+                lines += [f"{mean:.3g}", f"n={int(count)}"
+                          + (f" ({int(pruned)} pruned)" if pruned else "")]
             rank = ranks.get((k, d))
             if rank is not None and not (isinstance(rank, float) and math.isnan(rank)):
                 rank = float(rank)
@@ -224,10 +229,12 @@ def heatmap_section(report: Report) -> str:
     ax.set_xlabel("divergence")
     ax.set_ylabel("kernel")
     fig.colorbar(image, ax=ax, label=f"mean objective ({objective_mode(report)} is better)")
-    caption = ("Mean objective of the finished trials in each kernel-divergence cell; n is the "
-               "number of trials")
+    caption = ("Mean objective of the trials in each kernel-divergence cell; n is the number "
+               "of trials, of which the pruned ones (stopped early by the scheduler) are "
+               "counted in brackets")
     caption += (", rank the selection rule's predicted rank (1 = tried first); grey cells "
                 "were not tried." if ranks else ".")
+    caption += f" Values: {common_step_note(common, 'counted per cell')}."
     return f"<figure>{svg(fig)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 

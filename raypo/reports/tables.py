@@ -1,6 +1,12 @@
 """Reading a report back: `load(path).trials`, `.steps`, `.selection`, `.confirm` as
-DataFrames, and the queries a person asks of them (`best`, `pairs`, `pivot`, `pareto`,
-`confirmation`). Column meanings: raypo.reports.schema."""
+DataFrames, and the queries a person asks of them (`best`, `at_common_step`, `pairs`, `pivot`,
+`pareto`, `confirmation`). Column meanings: raypo.reports.schema.
+
+Trials the scheduler stopped early (pruned) ran fewer steps than the finished ones, so their
+last values and the finished trials' final values are not comparable. `at_common_step` puts
+them side by side at one step: the highest evaluation step that every trial with a value
+reached (from steps.parquet, one row per trial per evaluation); `pairs`, `pivot`, `raypo
+select` and the page's heatmap use it."""
 
 from __future__ import annotations
 
@@ -8,10 +14,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from raypo.reports.writer import read_table
 from raypo.storage import location
+
+# the trials compared at a common step: finished ones and the ones the scheduler stopped (a
+# failed trial's values may be a diverging run's; an interrupted one runs again on --resume)
+COMPARED = ("ok", "pruned")
 
 
 @dataclass
@@ -75,41 +86,103 @@ class Report:
                 for row in values]
         return ok[keep]
 
+    def at_common_step(self, metric: str | None = None) -> pd.DataFrame:
+        """One row per trial that finished or was pruned, with `metric`'s `value` at the
+        common step and the `step` it is from (replacing trial columns of those names), in
+        the trials table's order; its `status` tells the pruned ones apart.
+
+        The common step is the highest evaluation step that every such trial with a value
+        reached (the earliest a pruned trial stopped at); each trial's value is its last
+        evaluation at or before it (steps.parquet; a trial without rows there counts with its
+        own row's value, at the step its row says it reached). Without a pruned trial, each
+        trial's final value (every trial ran its whole budget, even where budgets differ).
+        A trial with no value at all (failed before its first evaluation) is left out.
+        Without any per-evaluation value of `metric` (a report from before steps.parquet),
+        the finished trials' final values, pruned ones left out.
+
+        `metric`: a metric (the first objective's by default; "objective" means it too).
+        `.attrs` says what the values are: `metric`, `basis` ("common": at `step`, "final":
+        no trial was pruned, "no_steps": the fallback), `step` (the common step, or None),
+        `pruned` (pruned trials included) and `left_out` (pruned trials left out by the
+        fallback); `common_step_note` puts it in words."""
+        first = self.objective["metric"]
+        metric = first if metric in (None, "objective") else metric
+        final = ("objective" if metric == first else
+                 metric if metric in self.trials else f"final_{metric}")
+        t = self.trials
+        if t.empty or "status" not in t or "trial_id" not in t:
+            return _described(t.assign(value=pd.Series(dtype=float),
+                                       step=pd.Series(dtype=float)),
+                              metric, "no_steps", None, 0, 0)
+        rows = t[t["status"].isin(COMPARED)]
+        own = rows[["trial_id"]].assign(
+            value=_numbers(rows, final),
+            step=_numbers(rows, "step").where(rows["status"] == "pruned",
+                                              _numbers(rows, "steps")))
+        own = own[np.isfinite(own["value"])]
+        points = _evaluations(self.steps, metric, rows["trial_id"])
+        pruned = rows["status"] == "pruned"
+        if points.empty:  # no per-evaluation values: the finished trials' final values
+            ok = own[own["trial_id"].isin(rows.loc[~pruned, "trial_id"])]
+            out = _joined(rows, ok.assign(step=np.nan))
+            left_out = int(own["trial_id"].isin(rows.loc[pruned, "trial_id"]).sum())
+            return _described(out, metric, "no_steps", None, 0, left_out)
+        # a trial without evaluations in steps.parquet: its own row's value at its step
+        extra = own[~own["trial_id"].isin(points["trial_id"]) & own["step"].notna()]
+        points = pd.concat([points, extra], ignore_index=True)
+        last = points.groupby("trial_id")["step"].max()
+        stopped = set(rows.loc[pruned, "trial_id"]) & set(last.index)
+        common = float(last.min()) if stopped else None
+        chosen = points if common is None else points[points["step"] <= common]
+        chosen = chosen.loc[chosen.groupby("trial_id")["step"].idxmax()]
+        out = _joined(rows, chosen)
+        step = None if common is None else (int(common) if common.is_integer() else common)
+        return _described(out, metric, "common" if stopped else "final", step,
+                          int((out["status"] == "pruned").sum()), 0)
+
     def pairs(self, metric: str = "objective") -> pd.DataFrame:
-        """One row per (kernel, divergence) the kernel trials used: the objective's mean,
-        spread (std) and best over the finished trials, the trial count, and the selection
-        rule's predicted rank; best first. A kernel trial with no divergence penalty counts
-        as divergence "none"; hmk_dpo's learned mixture as kernel "hmk"."""
-        t = self.ok
+        """One row per (kernel, divergence) the kernel trials used: `metric`'s mean, spread
+        (std) and best over the trials at the common step (`at_common_step`: the finished
+        trials and the pruned ones, compared at the highest step all of them reached), the
+        trial count and how many of them were `pruned`, and the selection rule's predicted
+        rank; best first. A kernel trial with no divergence penalty counts as divergence
+        "none"; hmk_dpo's learned mixture as kernel "hmk". `.attrs` is at_common_step's."""
+        common = self.at_common_step(metric)
+        columns = ["kernel", "divergence", metric, "std", "best", "trials", "pruned",
+                   "predicted_rank"]
+        t = common
         if t.empty or "kernel" not in t:
-            return pd.DataFrame(columns=["kernel", "divergence", metric, "std", "best",
-                                         "trials", "predicted_rank"])
+            return _described_as(pd.DataFrame(columns=columns), common)
         t = t[t["kernel"].notna()].assign(
             divergence=lambda d: d.get("divergence", pd.Series(index=d.index, dtype=object))
-            .fillna("none"))
+            .fillna("none"), pruned=lambda d: d["status"] == "pruned")
         ascending = self.objective["mode"] == "min"
-        grouped = t.groupby(["kernel", "divergence"])[metric]
-        table = pd.DataFrame({metric: grouped.mean(), "std": grouped.std(ddof=1),
-                              "best": grouped.min() if ascending else grouped.max(),
-                              "trials": grouped.size()}).reset_index()
+        grouped = t.groupby(["kernel", "divergence"])
+        values = grouped["value"]
+        table = pd.DataFrame({metric: values.mean(), "std": values.std(ddof=1),
+                              "best": values.min() if ascending else values.max(),
+                              "trials": values.size(),
+                              "pruned": grouped["pruned"].sum().astype(int)}).reset_index()
         ranks = self._ranks()
         table["predicted_rank"] = [ranks.get((k, d)) for k, d in
                                    zip(table["kernel"], table["divergence"], strict=True)]
         table["predicted_rank"] = table["predicted_rank"].astype(float)
-        return table.sort_values([metric, "trials"], ascending=[ascending, False],
-                                 ignore_index=True)
+        table = table.sort_values([metric, "trials"], ascending=[ascending, False],
+                                  ignore_index=True)
+        return _described_as(table[columns], common)
 
     def selected(self, top: int = 1) -> pd.DataFrame:
         """The chosen kernel-divergence pair(s): the best `top` rows of `pairs()`."""
         return self.pairs().head(top)
 
     def pivot(self, metric: str = "objective", aggfunc: str = "mean") -> pd.DataFrame:
-        """Kernel x divergence table of `metric` over the finished kernel trials."""
-        t = self.ok
+        """Kernel x divergence table of `metric` over the kernel trials at the common step
+        (`at_common_step`)."""
+        t = self.at_common_step(metric)
         if t.empty or "kernel" not in t:
             return pd.DataFrame()
         t = t[t["kernel"].notna()].assign(divergence=lambda d: d["divergence"].fillna("none"))
-        return t.pivot_table(index="kernel", columns="divergence", values=metric,
+        return t.pivot_table(index="kernel", columns="divergence", values="value",
                              aggfunc=aggfunc)
 
     def _ranks(self) -> dict:
@@ -118,6 +191,74 @@ class Report:
             return {}
         return {(k, d): r for k, d, r in zip(s["kernel"], s["divergence"], s["predicted_rank"],
                                              strict=True)}
+
+
+def _numbers(frame: pd.DataFrame, column: str) -> pd.Series:
+    """`column` as floats (NaN where missing or not a number; all NaN without the column)."""
+    if column not in frame:
+        return pd.Series(np.nan, index=frame.index, dtype=float)
+    return pd.to_numeric(frame[column], errors="coerce").astype(float)
+
+
+def _evaluations(steps: pd.DataFrame, metric: str, trial_ids) -> pd.DataFrame:
+    """(trial_id, step, value) of each evaluation of `metric` with a finite value, of the
+    trials `trial_ids`; a step written twice (a retried trial) counted once, the last."""
+    if steps.empty or not {"trial_id", "step", metric} <= set(steps.columns):
+        return pd.DataFrame({"trial_id": pd.Series(dtype=object),
+                             "step": pd.Series(dtype=float), "value": pd.Series(dtype=float)})
+    rows = steps[steps["trial_id"].isin(trial_ids)]
+    points = rows[["trial_id"]].assign(step=_numbers(rows, "step"),
+                                       value=_numbers(rows, metric))
+    points = points[np.isfinite(points["value"]) & points["step"].notna()]
+    return points.drop_duplicates(["trial_id", "step"], keep="last")
+
+
+def _joined(rows: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (in order) that have a value, with `value` and `step` from `values`."""
+    by_trial = values.set_index("trial_id")
+    out = rows.drop(columns=["value", "step"], errors="ignore")
+    out = out[out["trial_id"].isin(by_trial.index)].copy()
+    out["value"] = out["trial_id"].map(by_trial["value"]).astype(float)
+    out["step"] = out["trial_id"].map(by_trial["step"]).astype(float)
+    return out
+
+
+def _described(frame: pd.DataFrame, metric: str, basis: str, step, pruned: int,
+               left_out: int) -> pd.DataFrame:
+    frame.attrs = {"metric": metric, "basis": basis, "step": step, "pruned": pruned,
+                   "left_out": left_out}
+    return frame
+
+
+def _described_as(frame: pd.DataFrame, common: pd.DataFrame) -> pd.DataFrame:
+    frame.attrs = dict(common.attrs)
+    return frame
+
+
+def common_step_note(frame: pd.DataFrame, marked: str | None = None) -> str:
+    """What the values of `Report.at_common_step` (or of `pairs`, which carries its
+    `.attrs`) are, in words: "true_reward at step 75, the highest step every trial reached
+    (...); 4 pruned trials, marked p". `marked`: how the pruned trials are shown, after the
+    count ("marked p")."""
+    a = frame.attrs
+    metric = a.get("metric", "the objective")
+    pruned, left_out = a.get("pruned", 0), a.get("left_out", 0)
+
+    def trials(n: int) -> str:
+        return f"{n} pruned trial{'s' * (n != 1)}"
+
+    if a.get("basis") == "common":
+        how = f", {marked}" if marked else ""
+        return (f"{metric} at step {a['step']}, the highest step every trial reached (the "
+                f"finished ones and those the scheduler stopped); {trials(pruned)}{how}")
+    if a.get("basis") == "final":
+        return f"{metric}: each trial's final value (no trial was pruned)"
+    if left_out:
+        return (f"{metric}: the finished trials' final values; this report has no "
+                f"per-evaluation values (steps.parquet), so its {trials(left_out)}, stopped "
+                f"at earlier steps, {'is' if left_out == 1 else 'are'} left out")
+    return (f"{metric}: the finished trials' final values (this report has no per-evaluation "
+            "values, steps.parquet)")
 
 
 def read_meta(path) -> dict:

@@ -215,3 +215,20 @@ def test_hmk_trials_without_a_divergence_get_a_none_column(tmp_path):
 def test_importing_raypo_and_its_cli_leaves_matplotlib_alone():
     code = "import sys, raypo.reports, raypo.cli; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_heatmap_compares_pruned_and_finished_trials_at_the_common_step(tmp_path):
+    from tests.reports.test_tables import write_pruned_search
+
+    rep = write_pruned_search(tmp_path)
+    heatmap = render_html(rep).split('<section id="heatmap">')[1].split("</section>")[0]
+    cells = re.findall(r"<text[^>]*>([^<]*)</text>", heatmap)
+    # by hand, true_reward at step 50 (where the first pruned trial stopped): rbf/kl
+    # (0.6 + 0.9) / 2 from its two finished trials; each polynomial cell one pruned trial
+    assert cells[cells.index("0.75") + 1] == "n=2"
+    assert cells[cells.index("0.95") + 1] == "n=1 (1 pruned)"  # polynomial/js
+    assert cells[cells.index("0.2") + 1] == "n=1 (1 pruned)"  # polynomial/kl
+    assert "0.8" not in cells[:cells.index("0.2")]  # not a's final value
+    assert ("true_reward at step 50, the highest step every trial reached" in heatmap
+            and "2 pruned trials, counted per cell" in heatmap)

@@ -83,14 +83,23 @@ def test_the_quickstart_search_writes_one_row_per_trial_and_starts_from_the_pred
 
     rep = reports.load(folder)
     ok = trials[trials["status"] == "ok"]
-    means = ok.groupby(["kernel", "divergence"])["objective"].mean()
+    # select compares every trial, pruned ones included, at the highest step all reached
+    compared = trials[trials["status"].isin(["ok", "pruned"])]
+    common = steps[steps["trial_id"].isin(compared["trial_id"])].groupby("trial_id")["step"]
+    step = common.max().min()
+    at = steps[steps["step"] == step].set_index("trial_id")["true_reward"]
+    means = compared.assign(value=compared["trial_id"].map(at)).groupby(
+        ["kernel", "divergence"])["value"].mean()
     selected = json.loads(cli("select", folder, "--json", "--top", "2").output.splitlines()[-1])
     assert selected["single_seed"] is True and selected["confirmation"] is None
+    assert selected["values"]["step"] == (step if (compared["status"] == "pruned").any()
+                                          else None)
     chosen = selected["pairs"]
     assert (chosen[0]["kernel"], chosen[0]["divergence"]) == means.idxmax()
     assert chosen[0]["objective"] == pytest.approx(means.max())
-    assert chosen[0]["trials"] == int(((ok["kernel"] == chosen[0]["kernel"])
-                                       & (ok["divergence"] == chosen[0]["divergence"])).sum())
+    assert chosen[0]["trials"] == int(((compared["kernel"] == chosen[0]["kernel"])
+                                       & (compared["divergence"] == chosen[0]["divergence"])
+                                       ).sum())
     assert rep.pivot().loc[chosen[0]["kernel"], chosen[0]["divergence"]] == pytest.approx(
         means.max())
     assert rep.best()["objective"] == ok["objective"].max()
