@@ -216,6 +216,9 @@ def search(
     space: Annotated[Path, typer.Argument(help="YAML search space (search_spaces/*.yaml)")],
     model: Annotated[str | None, typer.Option(help="hub name or local folder")] = None,
     data: Annotated[str | None, typer.Option(help="preference data: file, folder, hub")] = None,
+    judge: Annotated[str | None, typer.Option(help="the reward model judging samples "
+                                              "(judge.model): hub name, local folder or "
+                                              "builtin")] = None,
     samples: Annotated[int | None, typer.Option(help="number of trials (budget.trials)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster ('auto' after ray up)")] = None,
     name: Annotated[str | None, typer.Option(help="report name (default: the space's)")] = None,
@@ -246,7 +249,7 @@ def search(
     from raypo.storage import StorageError, location
     from raypo.train.config import ConfigError, name_problem
 
-    overrides = {"model": model, "data": data, "name": name,
+    overrides = {"model": model, "data": data, "judge.model": judge, "name": name,
                  "budget.trials": samples}
     if samples is not None and samples < 1:
         _fail("--samples: expected a positive number of trials")

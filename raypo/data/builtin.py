@@ -110,6 +110,31 @@ def base_corpus(spec: TaskSpec, n: int, seed_offset: int = 0) -> list[dict[str, 
             for _ in range(n)]
 
 
+def judge_corpus(spec: TaskSpec, n: int) -> list[dict]:
+    """n (prompt, response, true reward) examples for fitting the built-in judge
+    (raypo.train.builtin_judge): base responses, and beyond them what a trained policy may
+    write (empty, one digit, longer and fully sorted strings), so that the judge has seen the
+    rewards it will be asked about."""
+    rng = random.Random(f"{spec.seed}-judge")
+    low, high = spec.response_digits
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            response = _base_response(rng, spec)
+        else:
+            digits = [rng.randint(0, 9) for _ in range(rng.randint(0, high + 2))]
+            if rng.random() < 0.5:
+                digits.sort()
+                for _ in range(rng.randint(0, 3)):
+                    i, j = rng.randrange(len(digits) or 1), rng.randrange(len(digits) or 1)
+                    if digits:
+                        digits[i], digits[j] = digits[j], digits[i]
+            response = "".join(map(str, digits))
+        out.append({"prompt": _prompt(rng, spec), "response": response,
+                    "reward": spec.true_reward(response)})
+    return out
+
+
 def _label(rng: random.Random, spec: TaskSpec, a: str, b: str) -> bool:
     """True when a is preferred over b."""
     ra, rb = spec.label_reward(a), spec.label_reward(b)

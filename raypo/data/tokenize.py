@@ -83,7 +83,14 @@ class TokenizedPairs:
         )
 
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[TokenizedPairs, TokenizedPairs]:
-        """(train, eval), eval about `eval_fraction` of the pairs, deterministic in `seed`.
+        """(train, eval), eval about `eval_fraction` of the pairs, deterministic in `seed`
+        (the pairs at `split_indices`)."""
+        train_idx, eval_idx = self.split_indices(eval_fraction, seed)
+        return self.subset(train_idx), self.subset(eval_idx)
+
+    def split_indices(self, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+        """(train, eval) pair indices, eval about `eval_fraction` of the pairs, deterministic
+        in `seed`.
 
         Pairs that share a prompt go to the same side, so held-out accuracy measures prompts
         the policy has not trained on. Within each side the original order is kept.
@@ -105,8 +112,7 @@ class TokenizedPairs:
             if len(eval_idx) + len(group) < len(self):  # keep at least one pair for training
                 eval_idx.extend(group)
         held = set(eval_idx)
-        train_idx = [i for i in range(len(self)) if i not in held]
-        return self.subset(train_idx), self.subset(sorted(eval_idx))
+        return [i for i in range(len(self)) if i not in held], sorted(eval_idx)
 
 
 def tokenize_pairs(

@@ -154,3 +154,33 @@ def model_shape(config, dtype: str = "float32", lora: dict | None = None) -> Mod
         model_type=getattr(config, "model_type", "") or "", plain_head=plain_head,
         lora_inputs=tuple(inputs), lora_rank=rank, lora_dropout=dropout,
         lora_bytes=lora_bytes)
+
+
+@dataclass(frozen=True)
+class JudgeShape:
+    """A reward model's sizes, as the memory plan reads them (raypo.train.plan)."""
+
+    weight_bytes: int
+    layers: int
+    hidden: int
+    intermediate: int
+
+
+def judge_shape(config, dtype: str = "float32") -> JudgeShape:
+    """The shape of the sequence classifier `config` describes, loaded in `dtype` (built on
+    the meta device: its score head, not a language model's head, is counted)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from raypo.models.load import DTYPES
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_config(config).to(DTYPES[dtype])
+    text = _text_config(config)
+    return JudgeShape(
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size)

@@ -44,13 +44,17 @@ STATUSES = ("ok", "failed", "pruned", "interrupted")
 # Columns that never take part in parameter importances: bookkeeping, and the seed, which
 # is noise to average over, not a parameter to choose.
 NOT_PARAMETERS = frozenset(BOOKKEEPING) | {"seed", "data_seed"}
-# The metrics that cannot leave a range, and the range: shares, and the built-in task's true
-# reward (the share of adjacent digits in order, raypo.data.builtin.sortedness). An interval
-# of their mean is clipped to it (raypo.reports.stats).
+# The metrics that cannot leave a range, and the range: shares (accuracy, the judge's win
+# rates, the evaluation's share of a trial), and the built-in task's true reward (the share
+# of adjacent digits in order, raypo.data.builtin.sortedness). An interval of their mean is
+# clipped to it (raypo.reports.stats). A reward model's score has no bounds.
 METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "pref_accuracy": (0.0, 1.0),
     "true_reward": (0.0, 1.0),
     "ref_true_reward": (0.0, 1.0),
+    "judge_win_rate": (0.0, 1.0),
+    "judge_lc_win_rate": (0.0, 1.0),
+    "eval_share": (0.0, 1.0),
 }
 
 

@@ -391,6 +391,8 @@ class SearchSpace:
             return s.objectives
         if s.objective:
             return [s.objective]
+        if self.fixed.get("judge") is not None:  # what aligned models are judged by
+            return [Objective(metric="judge_win_rate")]
         return [Objective(metric="true_reward" if self.builtin else "pref_accuracy")]
 
     def param(self, name: str) -> Param | None:
@@ -514,6 +516,18 @@ class SearchSpace:
                 raise SpaceError(message) from None
             except ValueError as e:  # a loss's own check of its parameters
                 raise SpaceError(f"{self.source}: {e}") from None
+        self._check_judged()
+
+    def _check_judged(self) -> None:
+        """A judged objective needs a judge: said now, not after the caches are computed."""
+        key = "objectives" if self.settings.objectives else "objective.metric"
+        for objective in self.objectives:
+            if objective.metric.startswith("judge_") and self.fixed.get("judge") is None:
+                raise SpaceError(
+                    f"{self.source}: {key}: {objective.metric} is judged by a reward model and "
+                    "the space has no `judge:` section; add judge: {model: PATH_OR_HUB_NAME} "
+                    "(a sequence classifier with one output), or judge: builtin on the "
+                    "built-in task")
 
     def grid(self) -> dict[str, list]:
         """{name: values} for Optuna's GridSampler: only choices and int ranges, no

@@ -70,6 +70,35 @@ class TaskConfig(_Strict):
         return v
 
 
+class JudgeConfig(_Strict):
+    """`judge: {model: PATH_OR_HUB_NAME}` (a reward model: a sequence classifier with one
+    output) or `judge: builtin` (the built-in task's fitted tiny judge): at every evaluation
+    the policy samples one response to each of `prompts` held-out prompts, the judge scores
+    them, and they are compared with the reference's samples (raypo.train.judging)."""
+
+    model: str
+    prompts: int = Field(64, ge=2, le=100_000)
+    max_new_tokens: int = Field(256, ge=1, le=100_000)
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # prompts generated (and pairs scored) at once
+    batch_size: int = Field(16, ge=1, le=100_000)
+
+    @field_validator("model")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a reward model's folder or hub name, or builtin")
+        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().is_dir():
+            raise ValueError(f"{v}: no such folder (a reward model is a folder with "
+                             "config.json, as save_pretrained writes)")
+        return v
+
+    @property
+    def builtin(self) -> bool:
+        return self.model == "builtin"
+
+
 class LossConfig(_Strict):
     """`loss: dpo` or `loss: {name: kernel_dpo, kernel: rbf, sigma: 1.0, ...}`."""
 
@@ -160,6 +189,7 @@ class TrainConfig(_Strict):
     # (raypo.train.base_model); 0 keeps random weights as the start and the reference
     sft_steps: int = Field(SFT_STEPS, ge=0, le=MAX_STEPS)
     lora: dict[str, Any] | None = None
+    judge: JudgeConfig | None = None  # a reward model judging sampled responses
     reports: str = "reports"
 
     @field_validator("loss", mode="before")
@@ -171,6 +201,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _schedule_shorthand(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge_shorthand(cls, v):
+        return {"model": v} if isinstance(v, str) else v
 
     @field_validator("task", mode="before")
     @classmethod
@@ -232,6 +267,10 @@ class TrainConfig(_Strict):
                              f"task's task.train_pairs ({self.task.train_pairs}); lower "
                              f"batch_size to at most {self.task.train_pairs} or raise "
                              "task.train_pairs")
+        if self.judge is not None and self.judge.builtin and not self.builtin:
+            raise ValueError("judge: builtin is fitted to the built-in task's true reward and "
+                             "judges only it; with your own data name a reward model "
+                             "(judge: {model: PATH_OR_HUB_NAME})")
         # (not "was it given": a dumped and re-read config gives every key)
         if self.sft_steps != SFT_STEPS and (self.model is not None or self.builtin):
             raise ValueError("sft_steps fits the tiny built-in model to your data: it needs "
@@ -241,6 +280,11 @@ class TrainConfig(_Strict):
     @property
     def builtin(self) -> bool:
         return self.data is None
+
+
+# the key a section's one-word shorthand stands for (`task: length`, `judge: builtin`); the
+# others' is `name` (`loss: dpo`, `beta_schedule: cosine`)
+SHORTHAND_KEYS = {"task": "variant", "judge": "model"}
 
 
 def set_path(tree: dict, path: tuple, value: Any) -> None:
@@ -260,7 +304,7 @@ def set_path(tree: dict, path: tuple, value: Any) -> None:
             continue
         child = node.get(key)
         if isinstance(child, str):  # the `loss: <name>` shorthand gains parameters
-            child = {"name": child} if key != "task" else {"variant": child}
+            child = {SHORTHAND_KEYS.get(key, "name"): child}
         if isinstance(child, list) and str(path[depth + 1]).isdigit():
             node[key] = child = list(child)
         elif child is not None and not isinstance(child, dict):

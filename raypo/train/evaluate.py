@@ -4,6 +4,8 @@ reference estimated from the same samples."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raypo.data.builtin import eval_prompts, response_text
@@ -37,12 +39,29 @@ def held_out_metrics(setup, policy) -> dict[str, float]:
     }
 
 
-def _prompt_batch(tokenizer, prompts: list[str], device):
-    encoded = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids]
-               for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
-    return ids.to(device), (ids != tokenizer.pad_token_id).long().to(device)
+@dataclass
+class Samples:
+    """One sampled response per prompt: its token ids (up to and including the first EOS),
+    and the summed log-probs of those tokens under the sampling model and the reference."""
+
+    responses: list[list[int]]
+    logps: torch.Tensor  # (N,) float32
+    ref_logps: torch.Tensor | None  # (N,) float32; None when not asked for
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([float(len(r)) for r in self.responses])
+
+    def kl(self) -> float:
+        """Monte-Carlo KL(model || reference) = E_y~model[log model(y|x) - log ref(y|x)]."""
+        return float((self.logps - self.ref_logps).mean())
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids.to(device), attention.to(device)
 
 
 def _sequence_logps(model, sequences, attention, prompt_width, gen_mask, chunk: int):
@@ -58,27 +77,61 @@ def _sequence_logps(model, sequences, attention, prompt_width, gen_mask, chunk: 
 
 
 @torch.no_grad()
+def sample(setup, model, prompts: list[list[int]], *, seed: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 128,
+           reference=None) -> Samples:
+    """Sample one response to each prompt (token ids; left-padded batches of `batch_size`,
+    the KV cache on, seeded), with the responses' log-probs under `model` and, when given,
+    under `reference`."""
+    tok, chunk = setup.tokenizer, setup.cfg.logits_chunk
+    model.eval()
+    responses, logps, ref_logps = [], [], []
+    with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            ids, attn = _left_padded(prompts[start:start + batch_size], tok.pad_token_id,
+                                     setup.device)
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
+                                 temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            width = ids.shape[1]
+            generated = out[:, width:]
+            # a generated token counts up to and including the first EOS
+            is_eos = generated == tok.eos_token_id
+            gen_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+            attention = torch.cat([attn, gen_mask.long()], dim=1)
+            responses += [row[mask].tolist() for row, mask in zip(generated.cpu(),
+                                                                  gen_mask.cpu(), strict=True)]
+            logps.append(_sequence_logps(model, out, attention, width, gen_mask, chunk).float())
+            if reference is not None:
+                ref_logps.append(_sequence_logps(reference, out, attention, width, gen_mask,
+                                                 chunk).float())
+    return Samples(responses, torch.cat(logps).cpu(),
+                   torch.cat(ref_logps).cpu() if reference is not None else None)
+
+
+def builtin_prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The built-in task's prompts as the policy reads them: BOS, then the prompt's tokens."""
+    return [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids]
+            for p in prompts]
+
+
+def response_texts(setup, samples: Samples) -> list[str]:
+    """The responses as text (special tokens dropped; on the built-in task the digits up to
+    the first non-digit, what the true reward reads)."""
+    texts = setup.tokenizer.batch_decode(samples.responses, skip_special_tokens=True)
+    return [response_text(t) for t in texts] if setup.task is not None else texts
+
+
+@torch.no_grad()
 def sample_and_score(setup, model, n: int, seed: int) -> dict[str, float]:
     """Sample n responses (temperature 1), return the mean true reward and the Monte-Carlo
     KL(model || reference) = E_y~model[log model(y|x) - log ref(y|x)] over the same samples."""
-    spec, tok = setup.task, setup.tokenizer
-    ids, attn = _prompt_batch(tok, eval_prompts(spec, n), setup.device)
-    model.eval()
-    with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
-                             temperature=1.0, max_new_tokens=spec.response_digits[1] + 2,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    width = ids.shape[1]
-    generated = out[:, width:]
-    # a generated token counts up to and including the first EOS
-    is_eos = generated == tok.eos_token_id
-    gen_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-    attention = torch.cat([attn, gen_mask.long()], dim=1)
-    texts = tok.batch_decode(generated, skip_special_tokens=True)
-    rewards = [spec.true_reward(response_text(t)) for t in texts]
-    chunk = setup.cfg.logits_chunk
-    logp = _sequence_logps(model, out, attention, width, gen_mask, chunk)
-    ref_logp = _sequence_logps(setup.reference_model, out, attention, width, gen_mask, chunk)
-    return {"true_reward": sum(rewards) / len(rewards), "kl": float((logp - ref_logp).mean()),
-            "response_length": float(gen_mask.sum(-1).float().mean())}
+    spec = setup.task
+    prompts = builtin_prompt_ids(setup.tokenizer, eval_prompts(spec, n))
+    samples = sample(setup, model, prompts, seed=seed, batch_size=n,
+                     max_new_tokens=spec.response_digits[1] + 2, reference=setup.reference_model)
+    rewards = [spec.true_reward(t) for t in response_texts(setup, samples)]
+    return {"true_reward": sum(rewards) / len(rewards), "kl": samples.kl(),
+            "response_length": float(samples.lengths.mean())}

@@ -13,6 +13,7 @@ from raypo.losses import schedule
 from raypo.selection.htsr import layer_alphas, summarize
 from raypo.train import checkpoint
 from raypo.train.evaluate import held_out_metrics, sample_and_score
+from raypo.train.judging import judge_metrics
 from raypo.train.parallel import (
     clip_grad_norm,
     full_params,
@@ -64,10 +65,12 @@ def evaluate(setup: Setup, step: int, forward_model=None) -> dict[str, float]:
     # (generation cannot run through the FSDP wrapper); every rank evaluates alike
     with full_params(forward_model), setup.autocast():
         metrics = held_out_metrics(setup, setup.policy)
-        if setup.task is not None:
+        if setup.judge is not None:  # sampled, judged, and on the built-in task scored too
+            metrics.update(judge_metrics(setup, setup.policy))
+        elif setup.task is not None:
             metrics.update(sample_and_score(setup, setup.policy, setup.cfg.eval_samples,
                                             seed=setup.cfg.seed + 1))
-    if setup.task is not None:  # the reference is never sharded (see raypo.train.parallel)
+    if setup.task is not None and setup.judge is None:  # the reference is never sharded
         if "ref_true_reward" not in setup.cache:
             with setup.autocast():
                 ref = sample_and_score(setup, setup.reference_model.model,
@@ -106,7 +109,7 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
                                                 **cfg.beta_schedule.params}
                     ) if cfg.beta_schedule.name != "constant" else None
     state = {"step": 0, "epoch": 0, "pos": 0, "tokens": 0, "train_seconds": setup.reference_seconds,
-             "history": []}
+             "eval_seconds": 0.0, "history": []}
     saved = checkpoint.load(checkpoint_dir)
     if saved:
         load_model_state(forward_model, policy, saved["policy"])
@@ -153,13 +156,17 @@ def train(setup: Setup, *, checkpoint_dir=None, on_eval=None, progress=None,
         if progress:
             progress(step + 1, train_loss)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            start = time.perf_counter()
+            evaluated = evaluate(setup, step + 1, forward_model)
+            # eval_seconds: all evaluations so far (a checkpoint of an older version has none)
+            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - start
             # current_*: the values at this step, beside the configured ones in a row
             row = {"step": step + 1, "train_loss": train_loss,
                    "current_beta": float(loss_fn.beta), "grad_norm": float(grad_norm),
                    "current_lr": lr_sched.get_last_lr()[0],
                    **{k: float(v) for k, v in out.metrics.items()
                       if v.numel() == 1 and k != "beta"},  # beta: current_beta
-                   **evaluate(setup, step + 1, forward_model)}
+                   **evaluated, "eval_seconds": state["eval_seconds"]}
             state["history"].append(row)
             if on_eval:
                 on_eval(step + 1, row)
@@ -181,7 +188,9 @@ def final_metrics(setup: Setup, state: dict, forward_model=None) -> dict:
             htsr = summarize(layer_alphas(setup.policy, cover=cover))
         last.update({f"htsr_{k}": v for k, v in htsr.items() if k != "layers"},
                     htsr_matrices=htsr["layers"], htsr_cover=cover)
+    evaluating = state.get("eval_seconds", 0.0)
     last.update(tokens=state["tokens"], train_seconds=state["train_seconds"],
                 tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
-                steps=state["step"])
+                steps=state["step"], eval_seconds=evaluating,
+                eval_share=evaluating / max(state["train_seconds"] + evaluating, 1e-9))
     return last

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raypo.models.shape import ModelShape, model_config, model_shape
+from raypo.models.shape import JudgeShape, ModelShape, judge_shape, model_config, model_shape
 from raypo.train.config import ConfigError, TrainConfig
 
 GB = 1e9  # decimal gigabytes, as GPUs are sold (an A10G's "24 GB" is 24.1e9 bytes)
@@ -76,7 +76,8 @@ HEADROOM_BYTES = 0.5 * GB
 # test_plan.py's FITTED), each between -25 and +27 MB of it
 CPU_HEADROOM_BYTES = 5e6
 ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PARTS = ("weights", "gradients", "optimizer", "activations", "logits chunk", "reference copy")
+PARTS = ("weights", "gradients", "optimizer", "activations", "logits chunk", "reference copy",
+         "judge")
 
 
 class PlanError(ConfigError):
@@ -139,6 +140,8 @@ class MemoryPlan:
             + ", ".join(f"the {k}: {_gb(v)}" for k, v in self.others.items()) + "):",
         ]
         for name in PARTS:
+            if name == "judge" and cfg.judge is None:
+                continue
             lines.append(f"  {name:<15}{_gb(self.parts[name]):>10}")
         lines.append(f"  {'headroom':<15}{_gb(self.headroom):>10}  ("
                      + ("CUDA context, allocator slack)" if self.device == "cuda"
@@ -211,10 +214,10 @@ def fused_chunk_bytes(tokens: int, chunk: int, vocab: int, b: int, device: str) 
     return float(min(chunk, tokens) * vocab_block(chunk, vocab, device) * per_logit)
 
 
-def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "cuda"
-             ) -> MemoryPlan:
-    """The memory plan of `cfg` (its model's shape read from its config unless given) on a
-    `device` of type "cuda" (the default) or "cpu" (a few temporaries differ)."""
+def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "cuda",
+             judge: JudgeShape | None = None) -> MemoryPlan:
+    """The memory plan of `cfg` (its model's and judge's shapes read from their configs unless
+    given) on a `device` of type "cuda" (the default) or "cpu" (a few temporaries differ)."""
     from raypo.losses import needs
     from raypo.train.forward import outputs_for
 
@@ -247,7 +250,7 @@ def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "c
         gradients += s.trainable_bytes  # DDP's gradient buckets
     reference = 0.0
     live = declared.full_reference_logits
-    if (live or cfg.builtin) and not s.lora:
+    if (live or cfg.builtin or cfg.judge is not None) and not s.lora:
         reference = float(s.weight_bytes)  # the frozen copy (models.load.Reference)
     if live and terms:
         reference += responses * s.hidden * b  # its last hidden states, for the chunks
@@ -291,6 +294,14 @@ def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "c
                            "optimizer": moments + step_temp, "activations": 0.0,
                            "logits chunk": 0.0, "reference copy": reference},
     }
+    judge = judge or (plan_judge(cfg) if cfg.judge is not None else None)
+    for parts in moments_of.values():
+        parts["judge"] = float(judge.weight_bytes) if judge else 0.0
+    if judge is not None:
+        moments_of["evaluation"] = {
+            "weights": weights, "gradients": 0.0, "optimizer": moments,
+            "activations": evaluation_bytes(cfg, s, judge), "logits chunk": 0.0,
+            "reference copy": reference, "judge": float(judge.weight_bytes)}
     ranked = sorted(moments_of.items(), key=lambda kv: -sum(kv[1].values()))
     if s.model_type not in ("llama", "qwen2", "qwen3", "mistral", "gemma", ""):
         notes.append(f"activations counted for a Llama-family block; a {s.model_type} "
@@ -298,6 +309,44 @@ def estimate(cfg: TrainConfig, shape: ModelShape | None = None, device: str = "c
     return MemoryPlan(cfg=cfg, shape=shape, rows=rows, parts=ranked[0][1], moment=ranked[0][0],
                       others={k: sum(v.values()) for k, v in ranked[1:]}, device=device,
                       notes=notes)
+
+
+def evaluation_bytes(cfg: TrainConfig, s: ModelShape, judge: JudgeShape) -> float:
+    """What a judged evaluation holds beside the weights (no gradients then: they are freed
+    after every step): the policy's KV cache while it samples `judge.batch_size` responses of
+    up to max_prompt_length + max_new_tokens tokens, and the activations of one forward of
+    that batch (the policy's prefill, or the judge's scoring: the larger), none kept for a
+    backward."""
+    b = ACTIVATION_BYTES[cfg.dtype]
+    rows, length = cfg.judge.batch_size, cfg.max_prompt_length + cfg.judge.max_new_tokens
+    kv_cache = rows * length * s.layers * 2 * s.kv_heads * s.head_dim * b
+    # a layer's widest tensors at once: the residual stream, attention, the MLP's two halves
+    forward = rows * length * max((4 * s.hidden + 2 * s.intermediate),
+                                  (4 * judge.hidden + 2 * judge.intermediate)) * b
+    last_logits = rows * s.vocab * 4 * 3  # the sampled position's logits, softmax, top-p sort
+    return kv_cache + forward + last_logits
+
+
+_JUDGES: dict[str, JudgeShape] = {}
+
+
+def plan_judge(cfg: TrainConfig) -> JudgeShape:
+    """The shape of `cfg`'s judge, loaded in the trial's dtype (read once per judge)."""
+    from raypo.train.builtin_judge import judge_config
+
+    dtype = "float32" if cfg.dtype == "float16" else cfg.dtype
+    key = f"{cfg.judge.model}|{dtype}"
+    if key not in _JUDGES:
+        if cfg.judge.builtin:
+            config = judge_config()
+        else:
+            try:
+                config = model_config(cfg.judge.model)
+            except ValueError as e:
+                raise PlanError(f"judge.model: the memory plan reads the judge's config and "
+                                f"could not: {' '.join(str(e).split())}") from None
+        _JUDGES[key] = judge_shape(config, dtype)
+    return _JUDGES[key]
 
 
 _SHAPES: dict[str, ModelShape] = {}
@@ -350,6 +399,10 @@ def suggestions(plan: MemoryPlan, available: float) -> list[str]:
         out.append(f"lora: {{r: 16}} (LoRA instead of full fine-tuning): {fits(lora_total)}")
     if cfg.logits_chunk > 128 and plan.shape.vocab >= 32_000:
         out.append(f"logits_chunk: 128: {fits(total(logits_chunk=128))}")
+    if plan.parts.get("judge"):
+        without = estimate(cfg.model_copy(update={"judge": None}), plan.shape, plan.device)
+        out.append(f"a smaller judge (judge.model; this one takes {_gb(plan.parts['judge'])}: "
+                   f"the trial without it plans {fits(without.total)})")
     return out
 
 

@@ -23,9 +23,11 @@ from raypo.train.step import preference_batch
 STEP = {"step", "train_loss", "current_beta", "grad_norm", "current_lr"}
 HELD_OUT = {"eval_loss", "pref_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
 BUILTIN_TASK = {"true_reward", "kl", "response_length", "ref_true_reward"}
+JUDGED = {"judge_reward", "judge_reward_se", "judge_win_rate", "judge_win_rate_se",
+          "judge_lc_win_rate", "ref_judge_reward", "kl", "response_length"}
 HTSR = {"htsr_alpha_mean", "htsr_alpha_median", "htsr_alpha_min", "htsr_alpha_max",
         "htsr_share_in_2_6", "htsr_matrices"}  # none with `htsr: off`
-END = {"tokens", "train_seconds", "tokens_per_s", "steps"}
+END = {"tokens", "train_seconds", "tokens_per_s", "steps", "eval_seconds", "eval_share"}
 ROW = {"wall_s", "peak_memory_mb"}
 BOOKKEEPING = {"trial_id", "status", "error", "objective"}
 
@@ -59,4 +61,6 @@ def reported_metrics(setup: Setup, cfg: TrainConfig | None = None) -> set[str]:
         metrics |= HTSR
     if setup.task is not None:
         metrics |= BUILTIN_TASK
+    if cfg.judge is not None:
+        metrics |= JUDGED
     return {f"final_{k}" if k in BOOKKEEPING else k for k in metrics} | ROW

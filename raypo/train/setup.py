@@ -21,6 +21,7 @@ from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
 from raypo.losses import ModelFacts, Needs, PreferenceLoss, build, needs
 from raypo.losses.batch import EMBEDDING_FIELDS
 from raypo.models.encoder import encoder_embeddings, encoder_name
+from raypo.models.judge import Judge, JudgeError, load_judge
 from raypo.models.load import (
     Reference,
     enable_gradient_checkpointing,
@@ -30,8 +31,10 @@ from raypo.models.load import (
     reference_of,
 )
 from raypo.train.base_model import fit_base_model, fit_to_pairs
+from raypo.train.builtin_judge import builtin_judge
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.forward import outputs_for
+from raypo.train.judging import JudgePrompts, judge_prompts, reference_judgement
 from raypo.train.reference import (
     ReferenceOutputs,
     compute_reference,
@@ -61,6 +64,9 @@ class Setup:
     live_reference_logits: bool = False  # full reference logits computed at every step
     model_fingerprint: str = ""
     reference_seconds: float = 0.0
+    judge: Judge | None = None  # the reward model judging sampled responses (`judge:`)
+    judge_prompts: JudgePrompts | None = None
+    judge_reference: dict | None = None  # the reference's judged samples (raypo.train.judging)
     cache: dict = field(default_factory=dict)  # values computed once per run (ref_true_reward)
     # dtype: float16: float32 weights, the forward under float16 autocast (see `autocast`)
     autocast_dtype: torch.dtype | None = None
@@ -161,7 +167,9 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         # loads (raypo.data.checks)
         ds = drop_ties(load_preferences(cfg.data), cfg.data)
         pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
-        train_pairs, eval_pairs = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
+        train_idx, eval_idx = pairs.split_indices(cfg.eval_fraction, seed=cfg.data_seed)
+        train_pairs, eval_pairs = pairs.subset(train_idx), pairs.subset(eval_idx)
+        eval_prompts_raw = ds.select(eval_idx)["prompt"]  # what a judge renders
         check_split(len(train_pairs), len(eval_pairs), batch_size=cfg.batch_size,
                     eval_fraction=cfg.eval_fraction, source=cfg.data,
                     prompts=len({tuple(p) for p in pairs.prompt_ids}))
@@ -171,6 +179,10 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
         model_fp = model_fingerprint(cfg.model, policy)
     if autocast_dtype is not None:  # the same weights give other reference outputs then
         model_fp += f"-autocast-{str(autocast_dtype).removeprefix('torch.')}"
+    # the judge before the reference outputs: a judge that cannot judge fails in seconds
+    judge, prompts = (_judge(cfg, spec, tokenizer, eval_pairs,
+                             None if cfg.builtin else eval_prompts_raw, device, weights_dtype,
+                             log) if cfg.judge is not None else (None, None))
     start = time.perf_counter()
     encoded = _encoder_embeddings(cfg, (train_pairs, eval_pairs), tokenizer, device, log)
     encoder_seconds = time.perf_counter() - start  # a precompute too: counted with the reference's
@@ -195,17 +207,36 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     if encoded:  # the loss reads them where it reads the reference's (ReferenceOutputs.fields)
         ref_train.embeddings, ref_eval.embeddings = encoded
     # LoRA: the policy with adapters off; otherwise a frozen copy, made only when needed
-    needs_live = live_reference or cfg.builtin  # the built-in task's KL estimate needs it too
+    # the built-in task's and the judge's KL estimates need it too
+    needs_live = live_reference or cfg.builtin or judge is not None
     reference_model = reference_of(policy) if needs_live else None
     if cfg.gradient_checkpointing:  # after the reference copy: the policy's own setting
         enable_gradient_checkpointing(policy)
     _fit_kernel(loss_fn, ref_train)
-    return Setup(cfg=cfg, tokenizer=tokenizer, policy=policy, loss_fn=loss_fn,
-                 train_pairs=train_pairs, eval_pairs=eval_pairs, ref_train=ref_train,
-                 ref_eval=ref_eval, device=device, task=spec, reference_model=reference_model,
-                 live_reference_logits=live_reference,
-                 model_fingerprint=model_fp, reference_seconds=reference_seconds,
-                 autocast_dtype=autocast_dtype)
+    setup = Setup(cfg=cfg, tokenizer=tokenizer, policy=policy, loss_fn=loss_fn,
+                  train_pairs=train_pairs, eval_pairs=eval_pairs, ref_train=ref_train,
+                  ref_eval=ref_eval, device=device, task=spec, reference_model=reference_model,
+                  live_reference_logits=live_reference,
+                  model_fingerprint=model_fp, reference_seconds=reference_seconds,
+                  autocast_dtype=autocast_dtype, judge=judge, judge_prompts=prompts)
+    if judge is not None:  # the reference's judged samples: once per search (cached)
+        setup.judge_reference = reference_judgement(setup, log)
+    return setup
+
+
+def _judge(cfg, spec, tokenizer, eval_pairs, raw_prompts, device, dtype, log):
+    """The judge on the trial's device and the prompts it judges; ConfigError naming
+    `judge.model` when it cannot judge them."""
+    try:
+        if cfg.judge.builtin:
+            judge = builtin_judge(spec, device=device, seed=cfg.data_seed, log=log)
+        else:
+            judge = load_judge(cfg.judge.model, device=device, dtype=dtype, log=log)
+        prompts = judge_prompts(cfg, tokenizer, eval_pairs, raw_prompts, spec, log)
+        judge.check_prompts(prompts.raw)
+    except JudgeError as e:
+        raise ConfigError(str(e)) from None
+    return judge, prompts
 
 
 def _fitted_tiny(cfg: TrainConfig, tokenizer, train_pairs: TokenizedPairs, log):

@@ -95,6 +95,12 @@ QWEN_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
             "tie_word_embeddings": True, "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "bos_token_id": 151643,
             "eos_token_id": 151645}
+# Skywork-Reward-V2-Qwen3-0.6B's published config.json (real_model.yaml's judge)
+SKYWORK_06B = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+               "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+               "head_dim": 128, "tie_word_embeddings": True, "max_position_embeddings": 40960,
+               "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "num_labels": 1,
+               "architectures": ["Qwen3ForSequenceClassification"], "pad_token_id": 151643}
 A10G = 24 * GB
 
 
@@ -146,19 +152,42 @@ def qwen_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def judge_folder(tmp_path: Path) -> Path:
+    from transformers import Qwen3Config
+
+    folder = tmp_path / "skywork-reward-v2-qwen3-0.6b-shape"
+    Qwen3Config(**SKYWORK_06B).save_pretrained(folder)
+    return folder
+
+
 def test_the_real_model_space_fits_one_a10g_and_its_former_settings_did_not(tmp_path):
-    model = str(qwen_folder(tmp_path))
-    space = load_space(SPACES / "real_model.yaml", {"model": model})
+    model, judge = str(qwen_folder(tmp_path)), str(judge_folder(tmp_path))
+    space = load_space(SPACES / "real_model.yaml", {"model": model, "judge.model": judge})
     assert space.settings.resources.gpu_memory_gb == 24
     plan, _ = space_plan(space)
     assert plan.shape.params == 494_032_768 + plan.shape.trainable  # the model, its LoRA
+    # the judge beside it: Qwen3-0.6B's 596M parameters and a one-output score head, bfloat16
+    assert plan.parts["judge"] == 2 * (596_049_920 + 1024)
+    # a judge that cannot fit beside the policy is refused with the numbers, before any trial
+    big = dict(SKYWORK_06B, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, tie_word_embeddings=False)  # a Qwen3-8B reward model
+    from transformers import Qwen3Config
+
+    Qwen3Config(**big).save_pretrained(tmp_path / "8b-judge")
+    heavy = load_space(SPACES / "real_model.yaml",
+                       {"model": model, "judge.model": str(tmp_path / "8b-judge")})
+    with pytest.raises(SpaceError) as e:
+        check_memory(heavy, A10G, "resources.gpu_memory_gb: 24")
+    message = str(e.value)
+    assert "does not fit" in message and "judge 15." in message, message
+    assert "a smaller judge (judge.model; this one takes 15." in message
     assert plan.shape.lora_targets == ["q_proj", "v_proj"]
     assert plan.cfg.batch_size * plan.cfg.grad_accum == 64  # the effective batch kept
     assert plan.total <= 0.75 * A10G  # with a quarter of the GPU to spare
     check_memory(space, A10G, "resources.gpu_memory_gb: 24", log=lambda m: None)
 
     former = load_space(SPACES / "real_model.yaml",
-                        {"model": model, "batch_size": 32, "grad_accum": 2,
+                        {"model": model, "judge.model": judge, "batch_size": 32, "grad_accum": 2,
                          "gradient_checkpointing": False})
     before, _ = space_plan(former)
     assert before.total > 3 * A10G and before.parts["activations"] > A10G
@@ -174,14 +203,16 @@ def test_the_real_model_space_fits_one_a10g_and_its_former_settings_did_not(tmp_
 
 def test_search_plan_prints_the_most_demanding_trial_and_a_search_that_cannot_fit_exits_2(
         tmp_path):
-    model = qwen_folder(tmp_path)
-    result = cli("search", SPACES / "real_model.yaml", "--model", model, "--plan")
+    model, judge = qwen_folder(tmp_path), judge_folder(tmp_path)
+    result = cli("search", SPACES / "real_model.yaml", "--model", model, "--judge", judge,
+                 "--plan")
     assert result.exit_code == 0, result.output
-    assert "8 rows x 1024 tokens" in result.output
+    assert "8 rows x 1024 tokens" in result.output and "judge" in result.output
     assert "of 24.00 GB (resources.gpu_memory_gb: 24): fits" in result.output
 
     tree = yaml.safe_load((SPACES / "real_model.yaml").read_text())
-    tree.update(model=str(model), batch_size={"choice": [4, 32]}, grad_accum=2,
+    tree.update(model=str(model), judge={"model": str(judge)}, batch_size={"choice": [4, 32]},
+                grad_accum=2,
                 gradient_checkpointing=False, max_length={"low": 768, "high": 1024})
     space = tmp_path / "big.yaml"
     space.write_text(yaml.safe_dump(tree))
