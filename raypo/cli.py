@@ -232,6 +232,9 @@ def search(
     plan: Annotated[bool, typer.Option("--plan", help="print the memory plan of the space's "
                                        "most demanding trial and exit; exit code 2 when it "
                                        "cannot fit")] = False,
+    track: Annotated[list[str] | None, typer.Option(
+        "--track", help="also send each trial's config and evaluations to mlflow, wandb or "
+        "tensorboard (repeat it, or a comma list; added to the space's `tracking:`)")] = None,
 ) -> None:
     """Search the space with Ray Tune + Optuna; write reports/<name>/*.parquet."""
     import os
@@ -246,6 +249,7 @@ def search(
     from raypo.search.interrupt import Interrupted
     from raypo.search.pipeline import search_and_confirm
     from raypo.search.space import SpaceError, load_space
+    from raypo.search.tracking import check_packages, parse_track, with_tracking
     from raypo.storage import StorageError, location
     from raypo.train.config import ConfigError, name_problem
 
@@ -262,7 +266,8 @@ def search(
             _fail(str(e))
     try:
         root = location(reports)
-        parsed = load_space(space, overrides)
+        parsed = with_tracking(load_space(space, overrides), parse_track(track))
+        check_packages(parsed.settings.tracking)  # before the report folder is touched
         with ReportLock(root / parsed.name, "search"):
             search_folder(root / parsed.name, resume)  # writable, not another kind's
             out = search_and_confirm(parsed, reports=reports, address=address,

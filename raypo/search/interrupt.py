@@ -133,4 +133,6 @@ def resume_command(space, reports: str | Path, address: str | None) -> str:
             args += [f"--{key}", str(space.fixed[key])]
     if address:
         args += ["--address", address]
+    for name in space.settings.tracking.names:  # given by `--track`: the resume tracks too
+        args += ["--track", name]
     return shlex.join([*args, "--resume"])

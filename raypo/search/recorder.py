@@ -12,6 +12,9 @@ As a trial ends, the recorder also decides whether its model is kept (`keep:`, t
 raypo.search.keep.ModelKeeper: `model_path` in the row, null for the models pushed out) and
 empties the trial's Tune checkpoints, which only a retry of a running trial needs (an
 interrupted trial keeps them: a resume goes on from them).
+
+The line printed per trial ends, while trials remain, with `[5/12 done, ETA 3m10s]`
+(`eta_seconds`: from the wall times of the trials that ended and the budget).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from ray import tune
@@ -64,6 +68,9 @@ class ReportRecorder(tune.Callback):
         self._writer = None
         self._steps: dict[str, list[dict]] = {}
         self.write_error: Exception | None = None  # the report could not be written
+        self._walls: list[float] = []  # the wall times of the trials that ended in this run
+        self._starts: dict[str, float] = {}  # when the running trials started
+        self._started = time.monotonic()  # this run's start (Tune's, from `setup`)
 
     @property
     def writer(self) -> ReportWriter:
@@ -80,9 +87,11 @@ class ReportRecorder(tune.Callback):
     def setup(self, **info) -> None:
         self._writer = None  # re-read the tables: after a resume they are newer than us
         self._steps = {}
+        self._walls, self._starts, self._started = [], {}, time.monotonic()
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_steps": {}, "write_error": None}
+        return {**self.__dict__, "_writer": None, "_steps": {}, "write_error": None,
+                "_walls": [], "_starts": {}}
 
     # -- Tune's hooks (driver process) ------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -91,6 +100,7 @@ class ReportRecorder(tune.Callback):
                 {k: v for k, v in result.items() if k not in TUNE_KEYS and k != "objective"})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._timed(trial)
         row = self.record(trial.trial_id, trial.config, trial.last_result or {},
                           number=trial_number(trial))
         self._ended(trial, row)
@@ -99,6 +109,7 @@ class ReportRecorder(tune.Callback):
         error = _error_text(trial)
         if stop_if_unreachable(error):
             return  # no row: the search stops, and the trial runs again after the fix
+        self._timed(trial)
         row = self.record(trial.trial_id, trial.config, trial.last_result or {},
                           error=error, number=trial_number(trial),
                           status="interrupted" if interrupt.requested() else None)
@@ -106,6 +117,19 @@ class ReportRecorder(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         stop_if_unreachable(_error_text(trial))
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._starts[trial.trial_id] = time.monotonic()
+
+    def _timed(self, trial) -> None:
+        """The wall time of a trial that ended (from its start as this driver saw it; else
+        Tune's `time_total_s`), for the ETA; not of one a signal stopped."""
+        started = self._starts.pop(trial.trial_id, None)
+        seconds = (time.monotonic() - started if started is not None
+                   else (trial.last_result or {}).get("time_total_s"))
+        if (not interrupt.requested() and isinstance(seconds, int | float)
+                and math.isfinite(seconds) and seconds > 0):
+            self._walls.append(float(seconds))
 
     def _ended(self, trial, row: dict) -> None:
         if row.get("status") != "interrupted" and self.write_error is None:
@@ -177,8 +201,45 @@ class ReportRecorder(tune.Callback):
         error = f" ({row['error'].splitlines()[0][:80]})" if row.get("error") else ""
         kept = f" [model kept: {row['model_path']}]" if row.get("model_path") else ""
         print(f"[{done}/{self.total}] {row['trial_id']} {row['status']}{value}{error}{kept}"
-              f"{best}",
+              f"{best}{self._eta(done)}",
               file=sys.stderr, flush=True)
+
+    def _eta(self, done: int) -> str:
+        """` [5/12 done, ETA 3m10s]`, from the wall times of the trials that ended in this
+        run and the budget; empty when all are done or none has a wall time yet."""
+        budget = self.space.settings.budget
+        left = (None if budget.time_limit_s is None
+                else budget.time_limit_s - (time.monotonic() - self._started))
+        seconds = eta_seconds(self.total - done, self._walls, budget.concurrency, left)
+        if seconds is None or done >= self.total:
+            return ""
+        capped = " (time limit)" if left is not None and seconds >= left else ""
+        return f" [{done}/{self.total} done, ETA {format_duration(seconds)}{capped}]"
+
+
+def eta_seconds(remaining: int, walls: list[float], concurrency: int,
+                time_left: float | None = None) -> float | None:
+    """How long the `remaining` trials should take: remaining / concurrency x the mean wall
+    time of the trials that ended (`walls`), at most the `time_left` of the search's time
+    limit (None: no limit). None when no trial has ended yet (nothing to go by)."""
+    if remaining <= 0:
+        return 0.0
+    if not walls:
+        return None
+    eta = remaining / max(concurrency, 1) * (sum(walls) / len(walls))
+    return eta if time_left is None else max(0.0, min(eta, time_left))
+
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `3m10s`, `2h05m`."""
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def stop_if_unreachable(error: str) -> bool:

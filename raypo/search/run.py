@@ -15,7 +15,8 @@ Order of events (`run_search`):
 4. Tune (raypo.search.tuning): the space as an Optuna define-by-run space (TPE or NSGA-II,
    seeded), the predicted best pairs enqueued first, the scheduler on a monotonic `step`,
    failed workers retried from their checkpoints; the recorder writes each trial's row as it
-   ends;
+   ends, and the space's trackers (raypo.search.tracking: MLflow, W&B, TensorBoard) get each
+   trial's config and reports;
 5. search.json, and the rows of trials the recorder could not see (ended before a restart).
 
 The confirmation stage that may follow is chained by raypo.search.pipeline.
@@ -39,7 +40,7 @@ from raypo.reports.writer import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from raypo.search import tuning
+from raypo.search import tracking, tuning
 from raypo.search.checks import (
     check_live_memory,
     check_memory,
@@ -275,6 +276,7 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         with Interrupts() as own:
             return run_search(space, reports=reports, address=address, resume=resume,
                               log=log, interrupts=own)
+    tracking.check_packages(space.settings.tracking)  # a missing tracker's package: now
     root = location(reports)
     directory = (root / space.name).resolve()  # a RemotePath resolves to itself
     experiment = directory / "tune"
@@ -284,6 +286,7 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     if not resume and (directory / "trials.parquet").exists():
         raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
                          "continue it or --name to start another")
+    trackers = tracking.callbacks(space, directory)  # MLflow, W&B, TensorBoard
     started = time.time()
     log(f"search {space.name}: {space.settings.budget.trials} trials, "
         f"{len(space.params)} searched parameters, report in {directory}")
@@ -316,9 +319,9 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
     trainable = tune_trainable(space, directory)
     if resume:
         log(f"resuming {experiment}")
-        tuner = tuning.restore_tuner(experiment, trainable, space)
+        tuner = tuning.restore_tuner(experiment, trainable, space, trackers)
     else:
-        tuner = _tuner(space, trainable, recorder, directory, ranks)
+        tuner = _tuner(space, trainable, recorder, directory, ranks, trackers)
     with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
         results = tuner.fit()
     # a full disk, a folder gone read-only, a node that cannot reach the storage: the
@@ -382,7 +385,8 @@ def planned_trials(space: SearchSpace) -> int:
     return trials
 
 
-def _tuner(space: SearchSpace, trainable, recorder, directory, ranks: dict):
+def _tuner(space: SearchSpace, trainable, recorder, directory, ranks: dict,
+           trackers: list = ()):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -395,7 +399,7 @@ def _tuner(space: SearchSpace, trainable, recorder, directory, ranks: dict):
                             points_to_evaluate=points or None)
     budget = space.settings.budget
     return tuning.build_tuner(
-        trainable, space, folder=directory, name="tune", callbacks=[recorder],
+        trainable, space, folder=directory, name="tune", callbacks=[recorder, *trackers],
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(space),
                                     num_samples=planned_trials(space),
                                     max_concurrent_trials=budget.concurrency,

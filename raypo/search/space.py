@@ -24,7 +24,8 @@ mixture's `terms`), each term's values are searched like any other
 (`terms: [{name: dpo, weight: {low: 0, high: 1}}]` -> `mixture.dpo.weight`).
 
 Search sections: `objective` (or `objectives`, two for a Pareto search), `budget`,
-`scheduler`, `resources`, `sampler`, `selection`, `confirm`, `keep`; see the models below.
+`scheduler`, `resources`, `sampler`, `selection`, `confirm`, `keep`, `tracking`; see the models
+below.
 """
 
 from __future__ import annotations
@@ -161,6 +162,76 @@ class Confirm(_Strict):
         return [search_seed + 1 + i for i in range(self.seeds)]
 
 
+class MLflowTracking(_Strict):
+    """MLflow (raypo.search.tracking): `tracking_uri` (default: MLFLOW_TRACKING_URI, else a
+    SQLite store in the report's `tracking/` folder), `experiment` (default: the search's
+    name), extra run `tags`."""
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class WandbTracking(_Strict):
+    """Weights & Biases: `project` and `group` (default: the search's name), `entity`, `mode`
+    (default: WANDB_MODE, else W&B's own: online) and `dir` (default: WANDB_DIR, else the
+    report's `tracking/` folder)."""
+
+    project: str | None = None
+    group: str | None = None
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
+    dir: str | None = None
+
+
+class TensorBoardTracking(_Strict):
+    """TensorBoard event files, one folder per trial under `logdir` (default: the report's
+    `tracking/tensorboard/`; on object storage, Tune's trial folders)."""
+
+    logdir: str | None = None
+
+
+TRACKERS = ("mlflow", "wandb", "tensorboard")
+
+
+class Tracking(_Strict):
+    """Where each trial's config, evaluations and final row also go, through Ray Tune's own
+    logger callbacks (raypo.search.tracking). Shorthands: `tracking: mlflow`,
+    `tracking: [mlflow, tensorboard]`, `tracking: {wandb: {mode: offline}, mlflow: {}}`."""
+
+    mlflow: MLflowTracking | None = None
+    wandb: WandbTracking | None = None
+    tensorboard: TensorBoardTracking | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data):
+        if isinstance(data, str):
+            data = [data]
+        if isinstance(data, list):
+            unknown = [n for n in data if n not in TRACKERS]
+            if unknown:
+                raise ValueError(f"unknown tracker {unknown[0]!r}; expected one of "
+                                 f"{', '.join(TRACKERS)}")
+            data = {name: {} for name in data}
+        if isinstance(data, dict):  # `mlflow:` (null) or `mlflow: true` turn one on
+            data = {k: ({} if v is None or v is True else None if v is False else v)
+                    for k, v in data.items()}
+        return data
+
+    @property
+    def names(self) -> list[str]:
+        """The trackers turned on, in TRACKERS' order."""
+        return [n for n in TRACKERS if getattr(self, n) is not None]
+
+    def adding(self, names) -> Tracking:
+        """These settings with the trackers `names` turned on (with their defaults where this
+        does not set them): what `raypo search --track` does."""
+        return Tracking.model_validate({**{n: getattr(self, n).model_dump() for n in
+                                           self.names}, **{n: {} for n in names
+                                                           if n not in self.names}})
+
+
 class SearchSettings(_Strict):
     objective: Objective | None = None
     objectives: list[Objective] | None = Field(None, min_length=1, max_length=2)
@@ -171,6 +242,7 @@ class SearchSettings(_Strict):
     selection: Selection = Selection()
     keep: Keep = Keep()
     confirm: Confirm | None = None  # run the confirmation stage after the search
+    tracking: Tracking = Tracking()  # MLflow, W&B, TensorBoard (raypo.search.tracking)
 
     @model_validator(mode="before")
     @classmethod

@@ -109,15 +109,24 @@ def can_restore(experiment) -> bool:
     return tune.Tuner.can_restore(path, storage_filesystem=fs)
 
 
-def restore_tuner(experiment, trainable, space: SearchSpace):
+def restore_tuner(experiment, trainable, space: SearchSpace, trackers: list = ()):
     """The interrupted Tune run at `experiment` (its folder), its errored and unfinished
-    trials to run again."""
+    trials to run again. Its callbacks are the ones Tune saved (the recorder) with the
+    `trackers` of this driver (raypo.search.tracking) in place of any saved ones: what this
+    resume was asked to track."""
     from ray import tune
 
+    from raypo.search.tracking import is_tracker
+
     path, fs = storage_of(experiment)
-    return tune.Tuner.restore(path, trainable=tune.with_resources(trainable,
-                                                                  trial_resources(space)),
-                              resume_errored=True, storage_filesystem=fs)
+    tuner = tune.Tuner.restore(path, trainable=tune.with_resources(trainable,
+                                                                   trial_resources(space)),
+                               resume_errored=True, storage_filesystem=fs)
+    # Tune restores the RunConfig it pickled and takes no new one; its Tuner holds it here
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = [*(c for c in run_config.callbacks or [] if not is_tracker(c)),
+                            *trackers]
+    return tuner
 
 
 def build_tuner(trainable, space: SearchSpace, *, folder, name: str, callbacks: list,

@@ -21,7 +21,7 @@ from raypo.train import yaml12
 # A search space's own sections (raypo.search.space); a training run reads past them, so a
 # search space with every value fixed is a training config.
 SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
-                   "selection", "confirm", "keep")
+                   "selection", "confirm", "keep", "tracking")
 
 
 class ConfigError(ValueError):
