@@ -1,4 +1,5 @@
-"""raypo.losses: every preference loss of ../shared/LOSSES.md behind one interface.
+"""raypo.losses: every preference loss behind one interface (formulas and papers of every loss,
+divergence, kernel, prior and schedule: docs/losses.md).
 
     from raypo.losses import build, PreferenceBatch, LossOutput, LOSSES
     loss_fn = build("dpo", beta=0.1)

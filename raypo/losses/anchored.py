@@ -32,6 +32,8 @@ class NCAPair(AnchoredLoss):
     Noise-contrastive estimation of each response's absolute reward rather than of the margin:
     the chosen likelihood is kept from falling, the failure mode of DPO on reasoning data.
     beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-nca_pair
     """
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
@@ -47,6 +49,8 @@ class BCOPair(AnchoredLoss):
     A binary classifier whose logit is the implicit reward: chosen responses are labelled 1,
     rejected 0. TRL <= 0.26 also subtracted a running mean of the rewards (the paper's
     delta_0); TRL 1.16 and raypo do not. beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-bco_pair
     """
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
@@ -61,6 +65,8 @@ class APOZero(AnchoredLoss):
 
     For data whose chosen responses are better than the model's own: raise the chosen
     likelihood, lower the rejected. beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-apo_zero
     """
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
@@ -75,6 +81,8 @@ class APODown(AnchoredLoss):
 
     For data whose chosen responses are worse than the model's own: lower both likelihoods,
     the rejected one more. beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-apo_down
     """
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:
@@ -91,6 +99,8 @@ class SPPOHard(AnchoredLoss):
     Each log-ratio is regressed to the game's value: +1/(2 beta) for the winner, -1/(2 beta)
     for the loser (the paper estimates soft win probabilities with a preference model; the hard
     version, as in TRL, sets them to 1 and 0). beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-sppo_hard
     """
 
     def pair_losses(self, batch: PreferenceBatch, metrics: dict) -> Tensor:

@@ -43,6 +43,8 @@ class AOT(AlignmentViaOT):
     The policy's distribution of chosen-minus-rejected log-prob gaps must dominate the
     reference's, quantile by quantile over the batch. eps is TRL's `label_smoothing` (default
     0, in [0, 0.5)); beta default 0.1. Needs batches of more than one pair to differ from DPO.
+
+    Formula and paper: docs/losses.md#loss-aot
     """
 
     def sorted_margin(self, batch: PreferenceBatch) -> Tensor:
@@ -59,6 +61,8 @@ class AOTUnpaired(AlignmentViaOT):
     The chosen responses' log-ratios must dominate the rejected ones' as distributions, with no
     use of which response was paired with which (for data without pairs). eps is TRL's
     `label_smoothing` (default 0, in [0, 0.5)); beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-aot_unpaired
     """
 
     def sorted_margin(self, batch: PreferenceBatch) -> Tensor:

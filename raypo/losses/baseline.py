@@ -25,6 +25,8 @@ class DPO(PreferenceLoss):
     The policy's log-ratio against the reference is an implicit reward; the Bradley-Terry
     likelihood of the observed preference is maximised. beta (default 0.1, typical 0.01-0.5)
     is the strength of the reverse-KL constraint to the reference.
+
+    Formula and paper: docs/losses.md#loss-dpo
     """
 
     options = MODIFIERS
@@ -40,6 +42,8 @@ class IPO(PreferenceLoss):
     A squared loss regresses the margin to a finite target instead of pushing it to infinity,
     so deterministic preferences cannot over-fit. delta_bar uses length-averaged log-probs
     (as TRL does). beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-ipo
     """
 
     options = MODIFIERS
@@ -58,6 +62,8 @@ class Hinge(PreferenceLoss):
     TRL's `hinge`); SLiC (Zhao et al. 2023, arXiv 2305.10425), where the hinge comes from, uses
     the policy's log-probs alone. beta (default 0.1) is the inverse of the margin the pair
     must clear.
+
+    Formula and paper: docs/losses.md#loss-hinge
     """
 
     options = MODIFIERS
@@ -73,6 +79,8 @@ class ConservativeDPO(PreferenceLoss):
 
     Each label is taken as flipped with probability eps (default 0.1, in [0, 0.5)). Not TRL's
     `sigmoid` with `label_smoothing`: TRL >= 0.29 ignores label_smoothing there.
+
+    Formula and paper: docs/losses.md#loss-cdpo
     """
 
     options = MODIFIERS
@@ -93,6 +101,8 @@ class RobustDPO(PreferenceLoss):
 
     An unbiased estimate of the clean-label DPO loss when labels flip with rate eps (default
     0.1, in [0, 0.5)).
+
+    Formula and paper: docs/losses.md#loss-robust
     """
 
     options = MODIFIERS
@@ -115,6 +125,8 @@ class SimPO(PreferenceLoss):
 
     The length-averaged log-prob is the reward, and gamma is a target margin. Defaults
     beta 2.0, gamma 1.0 (the paper's gamma/beta ranges over 0.25-0.8).
+
+    Formula and paper: docs/losses.md#loss-simpo
     """
 
     options = WEIGHTING
@@ -141,6 +153,8 @@ class LengthRegularizedDPO(PreferenceLoss):
     policy carries is r - alpha |y|: a longer chosen response needs less margin, a longer
     rejected one more, and the policy gains nothing by exploiting a verbosity bias of the data.
     alpha default 0.01 (the paper sweeps 0.005-0.05).
+
+    Formula and paper: docs/losses.md#loss-rdpo
     """
 
     options = MODIFIERS

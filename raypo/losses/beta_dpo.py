@@ -28,6 +28,8 @@ class BetaDPO(PreferenceLoss):
     deviation of margins) and the `keep` share (default 0.8, i.e. 20% filtered) with the
     largest weights is kept; the paper samples by these weights, this reading keeps the top
     ones so that a run is deterministic. Defaults beta0 = beta 0.1, a 0.6.
+
+    Formula and paper: docs/losses.md#loss-beta_dpo
     """
 
     family = "adaptive-beta"

@@ -20,6 +20,8 @@ class CalDPO(PreferenceLoss):
     the margin grows. beta sets only those targets (it is not inside the sigmoid). Default beta
     0.1 (the paper's code sweeps 1e-3-1e-2 on chat models); `length_normalize` uses per-token
     averages of h (the variant for data with long, uneven responses).
+
+    Formula and paper: docs/losses.md#loss-cal_dpo
     """
 
     options = MODIFIERS

@@ -52,6 +52,8 @@ class EpsilonDPO(PreferenceLoss):
     becomes beta / (1 + eps mean(s)), the mean over the whole step and all workers. Needs
     full-vocabulary reference logits (f_ref enters the perturbation). Defaults eps 0.01,
     beta 0.01 (paper).
+
+    Formula and paper: docs/losses.md#loss-epsilon_dpo
     """
 
     options = WEIGHTING

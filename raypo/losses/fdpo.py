@@ -64,6 +64,8 @@ class FDPO(PreferenceLoss):
     gradient keeps its sign). TRL 1.16 (`f_divergence_type`) writes forward KL as 1 - 1/u (the
     constant cancels in the margin) and its `f_alpha_divergence_coef` is 1 - alpha here
     (tests/losses/test_trl.py).
+
+    Formula and paper: docs/losses.md#loss-fdpo
     """
 
     options = MODIFIERS

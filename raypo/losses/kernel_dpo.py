@@ -60,6 +60,8 @@ class KernelDPO(PreferenceLoss):
     `c`, `alpha`, ...). The paper's exact equation was not readable; this is the project's
     reading, consistent with the authors' public scripts. Kernels that learn from the data
     (mahalanobis, spectral eigen) are fitted with `fit(embeddings)` before training.
+
+    Formula and paper: docs/losses.md#loss-kernel_dpo
     """
 
     options = MODIFIERS
@@ -129,6 +131,8 @@ class HMKDPO(KernelDPO):
     in the hybrid loss of `kernel_dpo`, minus `entropy_weight` (default 0.01) times the entropy
     of the three weight pairs, which guards against collapse onto one kernel. The learned
     weights are logged as metrics `w_*`/`tau_*`. Other parameters as kernel_dpo.
+
+    Formula and paper: docs/losses.md#loss-hmk_dpo
     """
 
     selection_params = ()  # its kernel is learned, not chosen

@@ -26,6 +26,8 @@ class EXOPair(PreferenceLoss):
     rewards, to the smoothed label distribution (1-eps, eps): the reverse KL, mode-seeking like
     RLHF itself, where DPO minimises the forward one. eps is TRL's `label_smoothing` (default
     1e-3 as the paper recommends, in (0, 0.5)); beta default 0.1.
+
+    Formula and paper: docs/losses.md#loss-exo_pair
     """
 
     options = MODIFIERS
@@ -51,6 +53,8 @@ class DiscoPOP(PreferenceLoss):
     itself: logistic where the policy already prefers y_l, exponential where it prefers y_w.
     tau is TRL's `discopop_tau` (default 0.05, the paper's); beta default 0.1. m exp(-z) is
     computed as exp(log sigma(z/tau) - z), finite for tau < 1 however negative z is.
+
+    Formula and paper: docs/losses.md#loss-discopop
     """
 
     options = MODIFIERS
@@ -73,6 +77,8 @@ class SigmoidNorm(PreferenceLoss):
 
     The per-token log-ratio is the reward, so a long response cannot win by summing many small
     gains. beta default 0.1 (per token: larger values than DPO's are typical).
+
+    Formula and paper: docs/losses.md#loss-sigmoid_norm
     """
 
     options = MODIFIERS

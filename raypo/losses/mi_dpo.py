@@ -24,6 +24,8 @@ class MutualInformationDPO(PreferenceLoss):
     sparsepo, learnable) and its own parameters are passed through (e.g. `gamma` for simpo,
     `alpha` for rdpo/tdpo2). The reward logged is a [logp(y) - log zeta(y)]. Default beta 0.1,
     prior "reference" (= DPO).
+
+    Formula and paper: docs/losses.md#loss-mi_dpo
     """
 
     options = WEIGHTING

@@ -80,6 +80,8 @@ class Mixture(PreferenceLoss):
     with one beta share the schedule's value and the ratios between different betas are kept.
     `on_step_end` reaches every term (adaptive ones update their beta), and the mixture's beta
     then follows its first term's.
+
+    Formula and paper: docs/losses.md#loss-mixture
     """
 
     family = "mixture"

@@ -21,6 +21,8 @@ reweights them itself (beta_dpo) does not take it; LD-DPO rewrites the summed se
 log-probs, so it fits the losses built from those alone, not the token-level ones (tdpo,
 sparsepo, epsilon_dpo), whose token terms it would leave inconsistent. A loss class lists what
 it takes in `options` (MODIFIERS or WEIGHTING); the base class applies them in `forward`.
+
+Formulas and papers: docs/losses.md#option-use_weighting, docs/losses.md#option-ld_alpha.
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ class Prior(nn.Module):
 
 @PRIORS.register("reference")
 class ReferencePrior(Prior):
-    """log zeta(y) = ref(y): the reference model itself, which gives DPO."""
+    """log zeta(y) = ref(y): the reference model itself, which gives DPO.
+
+    Formula and paper: docs/losses.md#prior-reference
+    """
 
     def forward(self, batch, beta):
         return batch.ref_chosen_logps, batch.ref_rejected_logps
@@ -38,7 +41,10 @@ class ReferencePrior(Prior):
 @PRIORS.register("simpo")
 class SimPOPrior(Prior):
     """log zeta(y) = (1 - 1/|y|) logp(y), plus gamma/beta on y_w: then
-    logp - log zeta = logp/|y|, and beta times the difference is SimPO's margin minus gamma."""
+    logp - log zeta = logp/|y|, and beta times the difference is SimPO's margin minus gamma.
+
+    Formula and paper: docs/losses.md#prior-simpo
+    """
 
     requires = POLICY_SEQUENCE_FIELDS
 
@@ -58,7 +64,10 @@ class SimPOPrior(Prior):
 @PRIORS.register("rdpo")
 class LengthPrior(Prior):
     """log zeta(y) = ref(y) - alpha |y| / beta: the margin gains alpha (|y_w| - |y_l|), R-DPO's
-    length-penalised reward r - alpha |y|."""
+    length-penalised reward r - alpha |y|.
+
+    Formula and paper: docs/losses.md#prior-rdpo
+    """
 
     def __init__(self, alpha: float = 0.01):
         super().__init__()
@@ -72,7 +81,10 @@ class LengthPrior(Prior):
 
 @PRIORS.register("tdpo1")
 class TDPO1Prior(ReadsReferenceKL, Prior):
-    """log zeta(y) = ref(y) - SeqKL(y), SeqKL(y) = sum_t KL(Q_t || P_t): gives TDPO1."""
+    """log zeta(y) = ref(y) - SeqKL(y), SeqKL(y) = sum_t KL(Q_t || P_t): gives TDPO1.
+
+    Formula and paper: docs/losses.md#prior-tdpo1
+    """
 
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS
 
@@ -83,7 +95,10 @@ class TDPO1Prior(ReadsReferenceKL, Prior):
 
 @PRIORS.register("tdpo2")
 class TDPO2Prior(ReadsReferenceKL, Prior):
-    """log zeta(y) = ref(y) - alpha SeqKL(y), with a stop-gradient on y_w's SeqKL: TDPO2."""
+    """log zeta(y) = ref(y) - alpha SeqKL(y), with a stop-gradient on y_w's SeqKL: TDPO2.
+
+    Formula and paper: docs/losses.md#prior-tdpo2
+    """
 
     requires = SEQUENCE_FIELDS | SEQ_KL_FIELDS
 
@@ -101,7 +116,10 @@ class TDPO2Prior(ReadsReferenceKL, Prior):
 class SparsePOPrior(ReadsReferenceKL, Prior):
     """log zeta(y) = logp(y) - sum_t m_u(t) [logp_t - ref_t] - sum_t m_d(t) KL_t(Q_t || P_t),
     with SparsePO's learned masks (a parameterised prior). The L1 penalty on the masks is the
-    loss's (`mi_dpo` adds `l1 * mask mass` for this prior)."""
+    loss's (`mi_dpo` adds `l1 * mask mass` for this prior).
+
+    Formula and paper: docs/losses.md#prior-sparsepo
+    """
 
     requires = SEQUENCE_FIELDS | SPARSEPO_FIELDS
 
@@ -126,6 +144,8 @@ class LearnablePrior(Prior):
     The family the mutual-information paper proposes to search: rho = 1, theta = 0 is DPO
     (the initial point, `rho`/`theta` parameters); rho = 0 is SimPO without margin; theta plays
     R-DPO's -alpha/beta. Gradients on rho stop at the ends of [0, 1] (clamp).
+
+    Formula and paper: docs/losses.md#prior-learnable
     """
 
     def __init__(self, rho: float = 1.0, theta: float = 0.0):

@@ -31,7 +31,10 @@ def _progress(step: int, total_steps: int) -> float:
 
 @SCHEDULES.register("constant")
 class Constant(Schedule):
-    """beta(step) = beta."""
+    """beta(step) = beta.
+
+    Formula and paper: docs/losses.md#schedule-constant
+    """
 
     def __call__(self, step: int) -> float:
         return self.beta
@@ -47,7 +50,10 @@ class _Annealed(Schedule):
 
 @SCHEDULES.register("linear")
 class Linear(_Annealed):
-    """beta(step) = beta + (end_beta - beta) * min(step / total_steps, 1)."""
+    """beta(step) = beta + (end_beta - beta) * min(step / total_steps, 1).
+
+    Formula and paper: docs/losses.md#schedule-linear
+    """
 
     def __call__(self, step: int) -> float:
         return self.beta + (self.end_beta - self.beta) * _progress(step, self.total_steps)
@@ -55,7 +61,10 @@ class Linear(_Annealed):
 
 @SCHEDULES.register("cosine")
 class Cosine(_Annealed):
-    """beta(step) = end_beta + (beta - end_beta) (1 + cos(pi min(step/total_steps, 1))) / 2."""
+    """beta(step) = end_beta + (beta - end_beta) (1 + cos(pi min(step/total_steps, 1))) / 2.
+
+    Formula and paper: docs/losses.md#schedule-cosine
+    """
 
     def __call__(self, step: int) -> float:
         p = _progress(step, self.total_steps)
@@ -64,7 +73,10 @@ class Cosine(_Annealed):
 
 @SCHEDULES.register("exponential")
 class Exponential(Schedule):
-    """beta(step) = max(beta * decay^step, min_beta); decay > 1 grows beta instead."""
+    """beta(step) = max(beta * decay^step, min_beta); decay > 1 grows beta instead.
+
+    Formula and paper: docs/losses.md#schedule-exponential
+    """
 
     def __init__(self, beta: float = 0.1, decay: float = 0.999, min_beta: float = 1e-3):
         super().__init__(beta)
@@ -77,7 +89,10 @@ class Exponential(Schedule):
 
 @SCHEDULES.register("step")
 class Step(Schedule):
-    """beta(step) = beta * factor^(step // step_size)."""
+    """beta(step) = beta * factor^(step // step_size).
+
+    Formula and paper: docs/losses.md#schedule-step
+    """
 
     def __init__(self, beta: float = 0.1, step_size: int = 100, factor: float = 0.5):
         super().__init__(beta)
@@ -91,7 +106,10 @@ class Step(Schedule):
 @SCHEDULES.register("warmup_decay")
 class WarmupDecay(Schedule):
     """Linear warm-up from start_beta to beta over warmup_steps, then cosine decay to end_beta
-    at total_steps: a weak constraint early lets the policy move, a strong one late holds it."""
+    at total_steps: a weak constraint early lets the policy move, a strong one late holds it.
+
+    Formula and paper: docs/losses.md#schedule-warmup_decay
+    """
 
     def __init__(self, beta: float = 0.1, start_beta: float = 0.01, warmup_steps: int = 100,
                  end_beta: float = 0.01, total_steps: int = 1000):

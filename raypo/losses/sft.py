@@ -23,6 +23,8 @@ class SFT(PreferenceLoss):
     read (TRL's sft ignores ld_alpha too), and WPO weighs preference pairs (TRL 1.16's sft
     with use_weighting fails: it multiplies an expanded tensor in place). The reward it logs
     is the length-averaged policy log-prob of each response.
+
+    Formula and paper: docs/losses.md#loss-sft
     """
 
     family = "sft"

@@ -85,6 +85,8 @@ class SparsePO(ReadsReferenceKL, PreferenceLoss):
     decide which tokens' rewards and KL terms count, so only the tokens that carry the
     preference move. The L1 penalty (lambda default 1e-3) keeps the masks sparse. Separate
     reward and KL masks (the paper's non-shared variant). Default beta 0.1.
+
+    Formula and paper: docs/losses.md#loss-sparsepo
     """
 
     options = WEIGHTING

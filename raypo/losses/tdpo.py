@@ -36,6 +36,8 @@ class TDPO(ReadsReferenceKL, PreferenceLoss):
     - version 2: D = alpha * (SeqKL(y_l) - sg[SeqKL(y_w)]), sg = stop-gradient (default)
     SeqKL(y) = sum_t KL(pi_ref(.|x, y<t) || pi(.|x, y<t)) controls divergence token by token,
     keeping generation diverse while the margin grows. Defaults beta 0.1, alpha 0.5 (paper).
+
+    Formula and paper: docs/losses.md#loss-tdpo
     """
 
     options = WEIGHTING

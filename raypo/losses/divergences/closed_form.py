@@ -38,6 +38,8 @@ class KL(Divergence):
     """Kullback-Leibler KL(P || Q) = sum P (log P - log Q). No parameters.
 
     Source: the KL penalty of DPO-Kernels (arXiv 2501.03271).
+
+    Formula and paper: docs/losses.md#divergence-kl
     """
 
     # unbounded, and every token's log-ratio counts: it relies on the whole support
@@ -54,6 +56,8 @@ class JS(Divergence):
     With r = log P - log Q: log M - log P = softplus(-r) - log 2 and log M - log Q =
     softplus(r) - log 2, the same as log M = logaddexp(log P, log Q) - log 2 but exactly 0 at
     P == Q. No parameters. Source: DPO-Kernels (arXiv 2501.03271).
+
+    Formula and paper: docs/losses.md#divergence-js
     """
 
     # bounded by log 2; bounded per-token terms make the mass outside the support matter less
@@ -72,6 +76,8 @@ class Hellinger(Divergence):
     Named in DPO-Kernels (arXiv 2501.03271), absent from its code. The squared-difference
     form is used: it has no cancellation when P is close to Q and is exactly 0 at P == Q.
     No parameters.
+
+    Formula and paper: docs/losses.md#divergence-hellinger
     """
 
     profile = SelectionProfile(boundedness=1.0, support=0.5, geometry=0.0)  # in [0, 1]
@@ -93,6 +99,8 @@ class Renyi(Divergence):
     P^a Q^(1-a) = P exp((a-1) r) with r = log P - log Q; logsumexp(log P) (0 in exact
     arithmetic) is subtracted so that the rounding of the normaliser, which 1/(a-1) would
     amplify a hundredfold at a = 1.01, cancels and the value is exactly 0 at P == Q.
+
+    Formula and paper: docs/losses.md#divergence-renyi
     """
 
     # unbounded, and it weights P^2 / Q: it relies on the support even more than KL
@@ -120,6 +128,8 @@ class Bhattacharyya(Divergence):
     Near P == Q, -log1p(-H^2) is exact (and exactly 0 at P == Q); near disjoint supports
     1 - H^2 underflows and -logsumexp((log P + log Q) / 2) is used instead. No parameters.
     Source: DPO-Kernels (arXiv 2501.03271).
+
+    Formula and paper: docs/losses.md#divergence-bhattacharyya
     """
 
     # -log(1 - H^2): unbounded only as the supports become disjoint

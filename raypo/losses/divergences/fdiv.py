@@ -76,6 +76,8 @@ class FDivergence(Divergence):
             - hellinger:  f(t) = (sqrt t - 1)^2 / 2                    -> 1 - sum sqrt(P Q)
 
     js and hellinger are scaled so that they equal the `js` and `hellinger` divergences.
+
+    Formula and paper: docs/losses.md#divergence-fdiv
     """
 
     # default f = reverse_kl: unbounded where the policy drops the reference's mass

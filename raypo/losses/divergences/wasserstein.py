@@ -68,6 +68,8 @@ class Wasserstein(Divergence):
         reg: entropic regularisation, in cost units (default 0.1).
         max_iter: Sinkhorn iterations at most (default 20).
         tol: stop when the row marginals are within tol in L2 (default 1e-4).
+
+    Formula and paper: docs/losses.md#divergence-wasserstein
     """
 
     # bounded by the cost's diameter; transports only the top k per side; uses token geometry

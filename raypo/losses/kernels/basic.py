@@ -23,6 +23,8 @@ class PolynomialKernel(Kernel):
         degree: d > 0, default 2 (the paper's scripts).
         c: offset >= 0, default 1 (the paper's scripts); > 0 when learnable.
         learnable: train c (stored as log c); the degree always stays fixed.
+
+    Formula and paper: docs/losses.md#kernel-polynomial
     """
 
     floor = 1e-12
@@ -59,6 +61,8 @@ class RBFKernel(Kernel):
     Args:
         sigma: bandwidth > 0, default 1 (the paper's scripts).
         learnable: train sigma (stored as log sigma).
+
+    Formula and paper: docs/losses.md#kernel-rbf
     """
 
     def __init__(self, sigma: float = 1.0, learnable: bool = False):

@@ -64,6 +64,8 @@ class MahalanobisKernel(Kernel):
         shrinkage: None for Ledoit-Wolf, or a fixed intensity in [0, 1] (0: the empirical
             covariance, which must then be non-singular).
         learnable: train L, starting from the identity or from the fitted precision.
+
+    Formula and paper: docs/losses.md#kernel-mahalanobis
     """
 
     def __init__(self, dim: int | None = None, shrinkage: float | None = None,

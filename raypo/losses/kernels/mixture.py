@@ -43,6 +43,8 @@ class HierarchicalMixtureKernel(Kernel):
         scales: the spectral (mixture) component's scales, default (0.1, 1.0, 10.0).
         dim, shrinkage: for the Mahalanobis component; a learnable matrix exists before the
             optimizer is built only if `dim` is given or `fit()` is called first.
+
+    Formula and paper: docs/losses.md#kernel-hmk
     """
 
     candidate = False  # trained, not chosen: the selection ranks its members instead

@@ -39,6 +39,8 @@ class SpectralKernel(Kernel):
         rank: eigen only: how many eigenpairs to keep, default 16.
         temperature: eigen only: > 0, default 1.
         learnable: mixture only: train lambda (softmax of logits) and alpha (as log alpha).
+
+    Formula and paper: docs/losses.md#kernel-spectral
     """
 
     def __init__(self, form: str = "mixture", scales: Sequence[float] = (0.1, 1.0, 10.0),
