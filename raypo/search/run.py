@@ -63,8 +63,9 @@ def _log(message: str) -> None:
 
 
 def cache_key(cfg: TrainConfig) -> str:
-    """What decides the shared caches of a config: the model, the data, their limits and the
-    fields the loss needs (not its weights, the learning rate or the number of steps)."""
+    """What decides the shared caches of a config: the model, the data, their limits, the
+    fields the loss needs and the judge (not its weights, the learning rate or the number of
+    steps)."""
     from raypo.train.setup import loss_needs
 
     declared = loss_needs(cfg)  # what the loss reads decides which reference outputs are cached
@@ -75,7 +76,10 @@ def cache_key(cfg: TrainConfig) -> str:
         "eval_fraction": cfg.eval_fraction, "dtype": cfg.dtype, "topk": cfg.topk,
         "reads": sorted(declared.fields), "live": declared.full_reference_logits,
         "fitted": declared.fitted_embeddings, "embedding_source": cfg.embedding_source,
-        "lora": cfg.lora, "sft_steps": cfg.sft_steps}, sort_keys=True, default=str)
+        "lora": cfg.lora, "sft_steps": cfg.sft_steps,
+        # the reference's judged samples are a cache too (raypo.train.judging)
+        "judge": cfg.judge.model_dump() if cfg.judge is not None else None},
+        sort_keys=True, default=str)
 
 
 def warm_caches(space: SearchSpace, log=_log, reported: set | None = None) -> int:
