@@ -90,3 +90,46 @@ def test_no_module_of_raypo_imports_itself_through_others():
     assert "raypo.search.run" not in graph["raypo.search.confirm"]
     assert "raypo.search.tuning" in graph["raypo.search.confirm"]
     assert cycles(graph) == []
+
+
+README = PACKAGE.parent / "README.md"
+
+
+def stage_of(module: str) -> str:
+    """raypo.train.loop -> train; raypo.cli -> cli; raypo -> raypo."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    """{stage: the stages it may import}, read from the README's layout table."""
+    text = README.read_text()
+    table = text[text.index("| stage | may import |"):].split("\n\n", 1)[0]
+    allowed = {}
+    for line in table.splitlines()[2:]:
+        stages, may = (cell.strip() for cell in line.strip("|").split("|"))
+        targets = set() if may == "nothing" else {t.strip(" `") for t in may.split(",")}
+        for stage in stages.split("(")[0].split(","):
+            allowed[stage.strip(" `")] = targets
+    return allowed
+
+
+def stray_imports(graph: dict[str, set[str]], allowed: dict[str, set[str]]) -> list[str]:
+    """`module -> imported` for every import from one stage to a stage its row does not name."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if stage_of(a) != stage_of(b) and stage_of(b) not in allowed[stage_of(a)])
+
+
+@pytest.mark.timeout(60)
+def test_every_import_goes_the_way_the_readme_table_says():
+    allowed = allowed_imports()
+    graph = import_graph()
+    assert {stage_of(m) for m in graph} == set(allowed)  # every stage has its row
+    assert all(targets <= set(allowed) for targets in allowed.values())
+    # DESIGN.md: the losses import nothing of raypo, and nothing but the entry point the cli
+    assert allowed["losses"] == set()
+    assert [stage for stage, targets in allowed.items() if "cli" in targets] == ["__main__"]
+    assert stray_imports(graph, allowed) == []
+    # the checker itself: a stage importing upstream, inside a function, is caught
+    assert stray_imports({"raypo.losses.dpo": {"raypo.train.loop"}}, allowed) == [
+        "raypo.losses.dpo -> raypo.train.loop"]
