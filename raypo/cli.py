@@ -53,12 +53,13 @@ def train(
     from raypo.reports.lock import LockedError, ReportLock
     from raypo.reports.writer import ReportWriteError
     from raypo.search.interrupt import Interrupted, Interrupts
-    from raypo.train.config import ConfigError, load_config, name_problem
+    from raypo.search.space import load_fixed
+    from raypo.train.config import ConfigError, name_problem, parse_overrides
 
     if name is not None and name_problem(name):
         _fail(f"--name: {name_problem(name)}")
     try:
-        cfg = load_config(config, set_)
+        cfg = load_fixed(config, parse_overrides(set_))
     except ConfigError as e:
         _fail(str(e))
     if name:
@@ -134,7 +135,7 @@ def _print_space_plan(space) -> None:
     elif r.gpus:
         from raypo.train.plan import local_gpu
 
-        gpu = local_gpu(space.config(space.representative_values()[0]))
+        gpu = local_gpu(space.representative_config)
     plan, values = space_plan(space, device="cuda" if r.gpus else "cpu")
     shown = ", ".join(f"{k} {v}" for k, v in values.items())
     typer.echo(f"memory plan of {space.source}, its most demanding trial"
@@ -468,7 +469,8 @@ def confirm(
     from raypo.reports.writer import ReportWriteError
     from raypo.search.confirm import run_confirmation
     from raypo.search.interrupt import Interrupted
-    from raypo.search.space import Confirm, SpaceError, parse_space
+    from raypo.search.settings import Confirm
+    from raypo.search.space import SpaceError, parse_space
 
     try:
         rep = load(report)

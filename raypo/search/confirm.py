@@ -37,7 +37,8 @@ from raypo.reports.schema import distinct_labels, metric_bounds, searched_values
 from raypo.reports.stats import ALPHA, holm, paired, summary
 from raypo.reports.writer import read_table, write_json_atomic, write_parquet_atomic
 from raypo.search import tuning
-from raypo.search.space import Confirm, SearchSpace, SpaceError
+from raypo.search.settings import Confirm
+from raypo.search.space import SearchSpace, SpaceError
 from raypo.storage import location
 from raypo.train.config import TrainConfig
 
@@ -126,7 +127,7 @@ def finalists(trials: pd.DataFrame, space: SearchSpace, top: int) -> list[tuple[
 
 def make_plan(trials: pd.DataFrame, space: SearchSpace, settings: Confirm) -> Plan:
     objective = space.objectives[0]
-    search_seed = space.config(space.representative_values()[0]).seed
+    search_seed = space.representative_config.seed
     seeds = settings.seed_list(search_seed)
     plan = Plan(seeds=seeds, metric=objective.metric, mode=objective.mode,
                 baseline=str(settings.baseline["name"]))

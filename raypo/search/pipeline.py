@@ -9,7 +9,8 @@ import sys
 from raypo.search.confirm import run_confirmation
 from raypo.search.interrupt import Interrupts
 from raypo.search.run import run_search
-from raypo.search.space import Confirm, SearchSpace
+from raypo.search.settings import Confirm
+from raypo.search.space import SearchSpace
 
 
 def _log(message: str) -> None:

@@ -122,7 +122,7 @@ def selection_evidence(space: SearchSpace, directory, log=_log):
     else:
         from raypo.search.evidence import selection_table
 
-        cfg = space.config(space.representative_values()[0])
+        cfg = space.representative_config
         log("selection metrics: computing on the reference model (no training)")
         table = selection_table(cfg, max_pairs=space.settings.selection.max_pairs,
                                 gamma=space_kernel_weight(space), log=log)

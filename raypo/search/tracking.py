@@ -25,7 +25,8 @@ import importlib
 import os
 from pathlib import Path
 
-from raypo.search.space import TRACKERS, SearchSpace, SpaceError, Tracking
+from raypo.search.settings import TRACKERS, Tracking
+from raypo.search.space import SearchSpace, SpaceError
 from raypo.storage import RemotePath
 
 # tracker -> (the module it imports, the package to install, raypo's extra)

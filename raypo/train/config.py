@@ -1,7 +1,8 @@
 """The training configuration: one YAML file, validated at the edge, plain values inside.
 
-The same schema is a search space with every parameter fixed (raypo.search builds on it), so a
-search space with no ranges is a training config.
+A search space is this schema with any value searched, plus the search's own sections
+(raypo.search.settings); `raypo train` reads its file through the same parser, as a space
+with nothing searched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from raypo.data.builtin import VARIANTS
 from raypo.losses import DEFAULT_LOSS, LOSSES, SCHEDULES
 from raypo.models.encoder import check_available, encoder_name
 from raypo.train import yaml12
-
-# A search space's own sections (raypo.search.space); a training run reads past them, so a
-# search space with every value fixed is a training config.
-SEARCH_SECTIONS = ("objective", "objectives", "budget", "scheduler", "resources", "sampler",
-                   "selection", "confirm", "keep", "tracking")
 
 
 class ConfigError(ValueError):
@@ -391,36 +387,18 @@ def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) ->
     return dict(loaded)
 
 
-def _searched(node, path: str = "") -> str | None:
-    """The dotted key of the first searched value (`{low:, high:}`, `{choice:}`,
-    `{value:, when:}`) in a config tree, or None."""
-    if not isinstance(node, dict):
-        return None
-    if {"low", "high"} <= set(node) or "choice" in node or {"value", "when"} <= set(node):
-        return path or "(top level)"
-    for key, child in node.items():
-        found = _searched(child, f"{path}.{key}" if path else str(key))
-        if found:
-            return found
-    return None
-
-
 def load_config(path: str | Path | None, overrides: list[str] = (),
                 raw: dict | None = None) -> TrainConfig:
-    """Read, override and validate a training config; ConfigError names file and key."""
+    """Read, override and validate a plain training config (no search sections, no ranges:
+    `raypo train` reads a file through the search-space parser, raypo.search.space.load_fixed);
+    ConfigError names file and key."""
     source = str(path) if path is not None else "<config>"
     tree: dict = dict(raw or {})
     if path is not None:
         tree.update(read_yaml_mapping(path))
-    for key in SEARCH_SECTIONS:
-        tree.pop(key, None)
     for key, value in parse_overrides(list(overrides)):
         set_dotted(tree, key, value)
     tree.setdefault("name", Path(path).stem if path is not None else "train")
-    searched = _searched(tree)
-    if searched:
-        raise ConfigError(f"{source}: {searched}: a range or choice; `raypo train` needs every "
-                          "value fixed (use `raypo search` for a space)")
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:

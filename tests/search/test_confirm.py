@@ -31,7 +31,8 @@ from raypo.search.confirm import (
     make_plan,
     verdict,
 )
-from raypo.search.space import Confirm, SpaceError, parse_space
+from raypo.search.settings import Confirm
+from raypo.search.space import SpaceError, parse_space
 
 TINY = {"task": {"variant": "graded", "train_pairs": 64, "eval_pairs": 16, "base_steps": 20},
         "steps": 8, "batch_size": 8, "eval_every": 4, "eval_samples": 8, "warmup_steps": 2,

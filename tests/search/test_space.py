@@ -8,8 +8,7 @@ import optuna
 import pytest
 import yaml
 
-from raypo.search.space import SearchSettings, SpaceError, load_space, parse_space
-from raypo.train.config import SEARCH_SECTIONS, load_config
+from raypo.search.space import SpaceError, load_fixed, load_space, parse_space
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -165,10 +164,14 @@ def test_overrides_replace_values_before_the_check(tmp_path):
     assert space.settings.budget.trials == 2 and space.name == "other"
 
 
-def test_training_reads_past_exactly_the_search_sections():
-    assert set(SearchSettings.model_fields) == set(SEARCH_SECTIONS)
-    cfg = load_config(None, raw={**BASE, "budget": {"trials": 3}, "objective": "kl"})
-    assert cfg.steps == 10
+def test_training_reads_a_file_through_the_space_parser_past_its_search_sections(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "budget": {"trials": 3}, "objective": "kl"}))
+    cfg = load_fixed(path, [("lr", 0.002)])
+    assert cfg.steps == 10 and cfg.lr == 0.002 and cfg.name == "t"
+    path.write_text(yaml.safe_dump({**BASE, "lr": {"low": 1e-4, "high": 1e-3}}))
+    with pytest.raises(SpaceError, match="lr: a range or choice"):
+        load_fixed(path)
 
 
 def test_the_grid_sampler_takes_choices_only():

@@ -67,9 +67,7 @@ def test_tracking_shorthands_the_track_option_and_the_resume_command():
     assert space.settings.tracking.wandb.mode == "offline"
     assert "--track mlflow --track wandb --resume" in resume_command(space, "reports", None)
     # `raypo train` reads past the section
-    from raypo.train.config import load_config
-
-    assert load_config(None, raw={**base, "tracking": ["mlflow"]}).loss.name == "dpo"
+    assert parse_space({**base, "tracking": ["mlflow"]}).fixed_config().loss.name == "dpo"
 
 
 MISSING = """
