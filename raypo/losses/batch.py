@@ -7,7 +7,6 @@ distribution that predicts response token t, and `*_mask` is 1 on real response 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -163,10 +162,6 @@ class PreferenceBatch:
     prompt_embeddings: Tensor | None = None
     chosen_embeddings: Tensor | None = None
     rejected_embeddings: Tensor | None = None
-
-    @classmethod
-    def field_names(cls) -> frozenset[str]:
-        return frozenset(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def describe(cls, name: str) -> str:

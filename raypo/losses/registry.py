@@ -1,5 +1,6 @@
 """Name -> class registries, so losses, divergences, kernels, priors and schedules are chosen by
-name from YAML and every member lives in its own file (the shape of Optuna's samplers)."""
+name from YAML (the shape of Optuna's samplers); a member registers itself where it is defined,
+so the registries, not any list elsewhere, say what exists."""
 
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ Columns of a row, by kind:
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from raypo.losses import LOSSES, identity
@@ -203,6 +202,3 @@ def distinct_labels(rows: list, searched: list[dict]) -> list[str]:
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-
-def missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -319,6 +319,10 @@ def _powerlaw_fit(eigs: np.ndarray, xmax: float | None) -> dict[str, float] | No
             "ks_distance": distance}
 
 
+# what `summarize` returns
+SUMMARY_KEYS = ("alpha_mean", "alpha_median", "alpha_min", "alpha_max", "share_in_2_6", "layers")
+
+
 def summarize(alphas: Iterable[Mapping[str, Any] | float]) -> dict[str, float | int]:
     """Model-level statistics of per-matrix alphas (rows of `layer_alphas`, or plain numbers).
 
@@ -330,8 +334,7 @@ def summarize(alphas: Iterable[Mapping[str, Any] | float]) -> dict[str, float | 
     values = [v for v in values if math.isfinite(v)]
     if not values:
         nan = math.nan
-        return {"alpha_mean": nan, "alpha_median": nan, "alpha_min": nan, "alpha_max": nan,
-                "share_in_2_6": nan, "layers": 0}
+        return {**dict.fromkeys(SUMMARY_KEYS, nan), "layers": 0}
     low, high = WELL_TRAINED
     return {
         "alpha_mean": statistics.fmean(values),

@@ -13,6 +13,11 @@ from raypo.data.collate import LengthGroupedBatches, collate
 from raypo.train.forward import token_outputs
 from raypo.train.step import preference_batch
 
+# what held_out_metrics returns at every evaluation, and sample_and_score on the built-in task
+HELD_OUT_METRICS = ("eval_loss", "pref_accuracy", "reward_margin", "chosen_reward",
+                    "rejected_reward")
+SAMPLED_METRICS = ("true_reward", "kl", "response_length")
+
 
 @torch.no_grad()
 def held_out_metrics(setup, policy) -> dict[str, float]:
@@ -30,13 +35,10 @@ def held_out_metrics(setup, policy) -> dict[str, float]:
         losses.append(float(out.loss))
         weights.append(len(indices))
     cr, rr = torch.cat(chosen), torch.cat(rejected)
-    return {
-        "eval_loss": sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights),
-        "pref_accuracy": float((cr > rr).float().mean()),
-        "reward_margin": float((cr - rr).mean()),
-        "chosen_reward": float(cr.mean()),
-        "rejected_reward": float(rr.mean()),
-    }
+    return dict(zip(HELD_OUT_METRICS, (
+        sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights),
+        float((cr > rr).float().mean()), float((cr - rr).mean()), float(cr.mean()),
+        float(rr.mean())), strict=True))
 
 
 @dataclass
@@ -133,5 +135,5 @@ def sample_and_score(setup, model, n: int, seed: int) -> dict[str, float]:
     samples = sample(setup, model, prompts, seed=seed, batch_size=n,
                      max_new_tokens=spec.response_digits[1] + 2, reference=setup.reference_model)
     rewards = [spec.true_reward(t) for t in response_texts(setup, samples)]
-    return {"true_reward": sum(rewards) / len(rewards), "kl": samples.kl(),
-            "response_length": float(samples.lengths.mean())}
+    return dict(zip(SAMPLED_METRICS, (sum(rewards) / len(rewards), samples.kl(),
+                                      float(samples.lengths.mean())), strict=True))

@@ -36,6 +36,9 @@ from raypo.train.evaluate import builtin_prompt_ids, response_texts, sample
 # search draws (seed + 1 samples the policy), fixed across a confirmation's seeds.
 REFERENCE_SEED_OFFSET = 1_000_003
 JUDGED_VERSION = 1
+# what judge_metrics returns (on the built-in task with the true reward's beside them)
+JUDGED_METRICS = ("judge_reward", "judge_reward_se", "judge_win_rate", "judge_win_rate_se",
+                  "judge_lc_win_rate", "ref_judge_reward", "kl", "response_length")
 # ridge penalty of the length-controlled logistic fit: keeps it finite when every prompt is won
 LC_RIDGE = 1e-2
 
@@ -164,12 +167,11 @@ def judge_metrics(setup, policy) -> dict[str, float]:
     samples, texts, scores = _sampled(setup, policy, setup.cfg.seed + 1,
                                       reference=setup.reference_model)
     wins = outcomes(scores, ref["scores"])
-    out = {"judge_reward": float(scores.mean()), "judge_reward_se": _se(scores),
-           "judge_win_rate": float(wins.mean()), "judge_win_rate_se": _se(wins),
-           "judge_lc_win_rate": length_controlled_win_rate(
-               wins, samples.lengths - ref["lengths"]),
-           "ref_judge_reward": float(ref["scores"].mean()),
-           "kl": samples.kl(), "response_length": float(samples.lengths.mean())}
+    out = dict(zip(JUDGED_METRICS, (
+        float(scores.mean()), _se(scores), float(wins.mean()), _se(wins),
+        length_controlled_win_rate(wins, samples.lengths - ref["lengths"]),
+        float(ref["scores"].mean()), samples.kl(), float(samples.lengths.mean())),
+        strict=True))
     if setup.task is not None:
         out["true_reward"] = sum(map(setup.task.true_reward, texts)) / len(texts)
         out["ref_true_reward"] = sum(map(setup.task.true_reward, ref["texts"])) / len(texts)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from raypo.data.collate import LengthGroupedBatches, collate
 from raypo.losses import schedule
-from raypo.selection.htsr import layer_alphas, summarize
+from raypo.selection.htsr import SUMMARY_KEYS, layer_alphas, summarize
 from raypo.train import checkpoint
 from raypo.train.evaluate import held_out_metrics, sample_and_score
 from raypo.train.judging import judge_metrics
@@ -26,6 +26,13 @@ from raypo.train.parallel import (
 )
 from raypo.train.setup import Setup
 from raypo.train.step import preference_batch
+
+# a row's names, as this module writes them: at every evaluation the step's (beside the loss's
+# own metrics and the evaluation's, raypo.train.evaluate and raypo.train.judging), at the end of
+# the run its totals and the HT-SR summary (none with `htsr: off`)
+STEP_METRICS = ("step", "train_loss", "current_beta", "grad_norm", "current_lr", "eval_seconds")
+END_METRICS = ("tokens", "train_seconds", "tokens_per_s", "steps", "eval_seconds", "eval_share")
+HTSR_METRICS = (*(f"htsr_{k}" for k in SUMMARY_KEYS if k != "layers"), "htsr_matrices")
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,10 +1,9 @@
 """Which metrics a training run reports, known before it runs: what a search's objective may
 name (a misspelt `objective.metric` would otherwise leave every trial without an objective).
 
-The names follow raypo.train.loop and raypo.train.evaluate: the last training step's
-(`train_loss`, `current_beta`, `grad_norm`, `current_lr` and the loss's own metrics), the
-held-out evaluation's, the built-in task's sampling metrics, and the end-of-run ones (HT-SR
-alpha, throughput), as raypo.train.run.run_trial returns them; the report row renames the ones
+The names are their owners' (raypo.train.loop's step and end-of-run names, raypo.train.evaluate's
+held-out and sampled ones, raypo.train.judging's judged ones), beside the loss's own metrics,
+as raypo.train.run.run_trial returns them; the report row renames the ones
 a column already has (raypo.reports.schema.metric_columns). The loss's own metrics come from
 one forward pass of the configured loss on two training pairs.
 """
@@ -17,17 +16,14 @@ import torch
 
 from raypo.data.collate import collate
 from raypo.train.config import TrainConfig
+from raypo.train.evaluate import HELD_OUT_METRICS, SAMPLED_METRICS
+from raypo.train.judging import JUDGED_METRICS
+from raypo.train.loop import END_METRICS, HTSR_METRICS, STEP_METRICS
 from raypo.train.setup import Setup, _fit_kernel, build_loss
 from raypo.train.step import preference_batch
 
-STEP = {"step", "train_loss", "current_beta", "grad_norm", "current_lr"}
-HELD_OUT = {"eval_loss", "pref_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
-BUILTIN_TASK = {"true_reward", "kl", "response_length", "ref_true_reward"}
-JUDGED = {"judge_reward", "judge_reward_se", "judge_win_rate", "judge_win_rate_se",
-          "judge_lc_win_rate", "ref_judge_reward", "kl", "response_length"}
-HTSR = {"htsr_alpha_mean", "htsr_alpha_median", "htsr_alpha_min", "htsr_alpha_max",
-        "htsr_share_in_2_6", "htsr_matrices"}  # none with `htsr: off`
-END = {"tokens", "train_seconds", "tokens_per_s", "steps", "eval_seconds", "eval_share"}
+# the names of a run's result are their owners': the loop's, the evaluation's, the judge's
+BUILTIN_TASK = {*SAMPLED_METRICS, "ref_true_reward"}
 ROW = {"wall_s", "peak_memory_mb"}
 BOOKKEEPING = {"trial_id", "status", "error", "objective"}
 
@@ -56,11 +52,11 @@ def reported_metrics(setup: Setup, cfg: TrainConfig | None = None) -> set[str]:
     """The numeric keys of the result of a run of `cfg` (default: the set-up's config) on the
     set-up's model and data (raypo.train.run.run_trial)."""
     cfg = cfg or setup.cfg
-    metrics = STEP | HELD_OUT | END | loss_metrics(setup, cfg)
+    metrics = {*STEP_METRICS, *HELD_OUT_METRICS, *END_METRICS} | loss_metrics(setup, cfg)
     if cfg.htsr != "off":
-        metrics |= HTSR
+        metrics |= set(HTSR_METRICS)
     if setup.task is not None:
         metrics |= BUILTIN_TASK
     if cfg.judge is not None:
-        metrics |= JUDGED
+        metrics |= set(JUDGED_METRICS)
     return {f"final_{k}" if k in BOOKKEEPING else k for k in metrics} | ROW

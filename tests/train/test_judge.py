@@ -145,9 +145,10 @@ def test_a_judge_from_a_folder_on_own_data_and_a_fitted_tiny_policy(tmp_path, ca
     assert setup.judge.render("abc", "de") == "<|user|>abc<|end|><|assistant|>de<|end|>"
     assert any("reference's responses" in m for m in messages)
     # what a search's objective may name: every judged metric (raypo.train.reported)
-    from raypo.train.reported import JUDGED, reported_metrics
+    from raypo.train.judging import JUDGED_METRICS
+    from raypo.train.reported import reported_metrics
 
-    assert JUDGED | {"eval_seconds", "eval_share"} <= reported_metrics(setup)
+    assert {*JUDGED_METRICS, "eval_seconds", "eval_share"} <= reported_metrics(setup)
     rows = []
     final = train(setup, on_eval=lambda step, row: rows.append(row))
     assert [r["step"] for r in rows] == [2, 4]

@@ -79,9 +79,6 @@ class SpectralKernel(Kernel):
     def fits_data(cls, form: str = "mixture", **params) -> bool:
         return form == "eigen"
 
-    def mixture_weights(self) -> Tensor:
-        return self.weight_logits.softmax(-1)
-
     def fit(self, embeddings: Tensor) -> SpectralKernel:
         if self.form != "eigen":
             return self
