@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
+
+from raypo.files import write_whole
 
 SCHEMES = ("s3", "gs")
 
@@ -212,16 +213,9 @@ class RemotePath:
 
     def download_file(self, local: Path) -> int:
         """This object into the local file `local`, written whole (a rename)."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            pafs.copy_files(self.key, tmp, source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            os.replace(tmp, local)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_whole(local, lambda tmp: pafs.copy_files(
+            self.key, tmp, source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem()))
         return local.stat().st_size
 
     def copy_tree(self, target: RemotePath, last: str | None = None) -> None:

@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from raypo.files import write_whole
 
 CACHE_STORAGE_ENV = "RAYPO_CACHE_STORAGE"
 _used: set[Path] = set()  # cache files this process read or wrote (what publish_used uploads)
@@ -38,19 +39,9 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)` through a temporary file in the same folder and a rename; a
-    cache file is then uploaded to the mirror (when there is one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`torch.save(obj, path)`, written whole (raypo.files.write_whole); a cache file is then
+    uploaded to the mirror (when there is one)."""
+    write_whole(path, lambda tmp: torch.save(obj, tmp))
     remote = _mirrored(path)
     if remote is not None:
         _used.add(path)

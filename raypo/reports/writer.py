@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raypo.files import share_as_new
+from raypo.files import write_whole
 from raypo.storage import RemotePath, location
 
 
@@ -59,44 +59,21 @@ def _reason(error: OSError) -> tuple[str, int | None]:
     return (os.strerror(code) if code else " ".join(str(error).split())), code
 
 
-def _upload(path: RemotePath, write) -> None:
-    """`write(temporary path)` locally, then one upload of the whole file to `path`."""
-    with tempfile.TemporaryDirectory(prefix="raypo-upload-") as folder:
-        tmp = os.path.join(folder, path.name)
-        write(tmp)
-        try:
-            path.upload_file(Path(tmp))
-        except OSError as e:
-            reason, code = _reason(e)
-            raise ReportWriteError(f"{path}: cannot write: {reason} (the object is "
-                                   "unchanged)", code) from e
-
-
 def _atomic(path: Path | RemotePath, write) -> None:
-    """`write(temporary path)`, then rename over `path`; on any failure the temporary file
-    is removed and ReportWriteError says which file and why."""
-    if isinstance(path, RemotePath):
-        _upload(path, write)
-        return
-    tmp = None
+    """`write(temporary path)`, then that file becomes `path` whole (raypo.files.write_whole:
+    a rename, or one upload to object storage); on a failure ReportWriteError says which
+    file and why, and the file is as it was."""
+    remote = isinstance(path, RemotePath)
+    before = "object is unchanged" if remote else (
+        "file is unchanged" if path.exists() else "file was not written")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename: a crash leaves old or new
-            os.fsync(f.fileno())
-        share_as_new(tmp)  # tables to share: mkstemp's 0600 is too private (raypo.files)
-        os.replace(tmp, path)
-        tmp = None
+        if remote:
+            write_whole(path.key, write, fs=path.fs)
+        else:
+            write_whole(path, write)
     except OSError as e:
-        before = "is unchanged" if path.exists() else "was not written"
         reason, code = _reason(e)
-        raise ReportWriteError(f"{path}: cannot write: {reason} (the file {before})",
-                               code) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        raise ReportWriteError(f"{path}: cannot write: {reason} (the {before})", code) from e
 
 
 def write_parquet_atomic(path: Path | RemotePath, frame: pd.DataFrame) -> None:

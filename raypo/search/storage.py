@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 
 import pyarrow.fs as pafs
 from pyarrow import PythonFile
+
+from raypo.files import replace_whole, temporary_beside
 
 
 class _AtomicFile:
@@ -24,10 +25,8 @@ class _AtomicFile:
 
     def __init__(self, path: str):
         self.path = path
-        directory = os.path.dirname(path) or "."
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                        suffix=".tmp")
-        self.file = os.fdopen(fd, "wb")
+        self.tmp = temporary_beside(path)  # the one way a file is written whole (raypo.files)
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by close() or _discard())
         self.failed = False
         self.closed = False
 
@@ -72,10 +71,8 @@ class _AtomicFile:
         if self.failed:
             raise OSError(f"{self.path}: not replaced: an earlier write failed")
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
             self.file.close()
-            os.replace(self.tmp, self.path)
+            replace_whole(self.tmp, self.path)
         except BaseException:
             self._discard()
             raise
