@@ -179,14 +179,28 @@ def setting_metrics(setting: str):
     return evidence_metrics(evidence)
 
 
+# The hand-set divergence profiles the previous rule read, (boundedness, support, geometry)
+# each in [0, 1]: 1 when the token-level value is bounded, how much it relies on the support
+# the reference cache keeps, 1 when it uses distances between tokens. raypo's divergences
+# carried them until the measured rule replaced that rule; they live here only to measure it.
+PREVIOUS_PROFILES = {
+    "kl": (0.0, 1.0, 0.0),  # unbounded, every token's log-ratio counts
+    "js": (1.0, 0.5, 0.0),  # bounded by log 2
+    "hellinger": (1.0, 0.5, 0.0),  # in [0, 1]
+    "renyi": (0.0, 1.0, 0.0),  # unbounded, weights P^2 / Q
+    "bhattacharyya": (0.5, 0.5, 0.0),  # -log(1 - H^2): unbounded only as supports part
+    "fdiv": (0.0, 1.0, 0.0),  # default f = reverse_kl
+    "wasserstein": (1.0, 1.0, 1.0),  # bounded by the cost's diameter; token geometry
+}
+
+
 def previous_rule(metrics) -> dict[tuple[str, str], float]:
     """The hand-made rule raypo shipped before this benchmark (kept here to be measured):
     S = (2 acc - 1) + tanh(snr) - tanh(0.1 margin_std / 2) + (2b - 1)(2T - 1) - s (1 - c)
     + D (g - (1 - b) / 2) - (1 - b)(1 - H) / 2, with T the tail heaviness of the per-token
-    log-ratios, (b, s, g) the divergence's profile, c coverage, H entropy, D drift."""
+    log-ratios, (b, s, g) the divergence's PREVIOUS_PROFILES entry, c coverage, H entropy,
+    D drift."""
     import math
-
-    from raypo.selection.rule import profile
 
     def heaviness(kurt, tail):
         return 0.5 * ((1 - 3 / max(kurt, 3.0)) + (tail / (tail + 0.046) if tail > 0 else 0))
@@ -197,7 +211,7 @@ def previous_rule(metrics) -> dict[tuple[str, str], float]:
         sk = (2 * km["accuracy"] - 1) + math.tanh(km["snr"]) - math.tanh(0.1 * km["margin_std"]
                                                                          / 2)
         for d, dm in d_metrics.items():
-            b, sup, g = profile(d)
+            b, sup, g = PREVIOUS_PROFILES[d]
             t = heaviness(dm["kurtosis"], dm["tail_mass"])
             sd = ((2 * b - 1) * (2 * t - 1) - sup * (1 - dm["coverage"])
                   + dm["drift"] * (g - (1 - b) / 2) - (1 - b) * (1 - dm["entropy"]) / 2)
@@ -206,11 +220,13 @@ def previous_rule(metrics) -> dict[tuple[str, str], float]:
 
 
 def features(setting: str, metrics) -> dict[tuple[str, str], dict[str, float]]:
-    """Per pair, the candidate features of a fitted rule (raypo.selection.rule.features)."""
+    """Per pair, the candidate features of a fitted rule (raypo.selection.rule.features),
+    plus the previous rule's hand-set `boundedness` of the divergence (PREVIOUS_PROFILES)."""
     from raypo.selection.rule import features as rule_features
 
     cfg = setting_config(setting)
-    return rule_features(*metrics, gamma=float(cfg.loss.params.get("gamma", 0.1)))
+    out = rule_features(*metrics, gamma=float(cfg.loss.params.get("gamma", 0.1)))
+    return {(k, d): {**f, "boundedness": PREVIOUS_PROFILES[d][0]} for (k, d), f in out.items()}
 
 
 # Feature sets compared (each fitted leave-one-setting-out); the rule ships the first.

@@ -572,7 +572,8 @@ def metrics_command(
                                           "last line")] = False,
 ) -> None:
     """Selection metrics of the data and the reference model, and the predicted ranking of
-    the 28 kernel-divergence pairs; no training."""
+    the kernel-divergence pairs (each candidate kernel with each candidate divergence); no
+    training."""
     from raypo.data.errors import DataError
     from raypo.search.evidence import describe, metrics_config, selection_table
     from raypo.train.config import ConfigError, parse_overrides

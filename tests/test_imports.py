@@ -133,3 +133,25 @@ def test_every_import_goes_the_way_the_readme_table_says():
     # the checker itself: a stage importing upstream, inside a function, is caught
     assert stray_imports({"raypo.losses.dpo": {"raypo.train.loop"}}, allowed) == [
         "raypo.losses.dpo -> raypo.train.loop"]
+
+
+def private_imports() -> list[tuple[str, str, str]]:
+    """(module, imported module, name) for every `from raypo... import _name` in raypo."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (
+                    node.module or "").startswith("raypo"):
+                found += [(name, node.module, a.name) for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return sorted(found)
+
+
+@pytest.mark.timeout(60)
+def test_no_stage_reads_another_stages_private_names():
+    found = private_imports()
+    assert [f for f in found if stage_of(f[0]) != stage_of(f[1])] == []
+    # the selection evidence and a run's set-up share public functions only (tokenizing in
+    # raypo.data.tokenize, the reference outputs in raypo.train.reference)
+    assert [f for f in found if f[0] == "raypo.search.evidence"] == []

@@ -34,6 +34,7 @@ import datasets
 import numpy as np
 import torch
 
+from raypo.data.builtin import TaskSpec, preference_pairs
 from raypo.data.cache import atomic_torch_save, cache_root, cached, hash_json, tokenizer_fingerprint
 from raypo.data.checks import warn_unknown
 from raypo.data.errors import DataError
@@ -163,6 +164,15 @@ def tokenize_pairs(
     )
     atomic_torch_save(_pack(pairs), path)
     return pairs
+
+
+def tokenize_task(spec: TaskSpec, split: str, tokenizer: Any, **limits: Any) -> TokenizedPairs:
+    """The built-in task's `split` ("train" or "eval") pairs (raypo.data.builtin
+    .preference_pairs), tokenized by `tokenize_pairs` with `limits` (its `max_length`,
+    `max_prompt_length`, `truncate_responses`) and cached under the task's fingerprint."""
+    rows = datasets.Dataset.from_list(preference_pairs(spec, split))
+    return tokenize_pairs(rows, tokenizer, **limits, source=f"builtin:{spec.variant}",
+                          data_fingerprint=f"builtin-{spec.fingerprint()}-{split}")
 
 
 def _tokenize(

@@ -32,7 +32,7 @@ from raypo.losses import (  # noqa: F401  (each module registers its members)
 )
 from raypo.losses.base import PreferenceLoss, declared_identity, declared_needs
 from raypo.losses.batch import LossOutput, PreferenceBatch, TopKLogits
-from raypo.losses.describe import ModelFacts, Needs, SelectionProfile
+from raypo.losses.describe import ModelFacts, Needs
 from raypo.losses.divergences import Divergence
 from raypo.losses.kernels import Kernel
 from raypo.losses.registry import DIVERGENCES, KERNELS, LOSSES, PRIORS, SCHEDULES, Registry
@@ -63,12 +63,12 @@ def kernel_candidates() -> tuple[str, ...]:
 
 
 def divergence_candidates() -> tuple[str, ...]:
-    """The divergences the selection rule ranks (those with a selection profile)."""
-    return tuple(name for name, cls in DIVERGENCES.items() if cls.profile is not None)
+    """The divergences the selection rule ranks, in registration order (which breaks ties)."""
+    return tuple(name for name, cls in DIVERGENCES.items() if cls.candidate)
 
 __all__ = [
     "DEFAULT_LOSS", "DIVERGENCES", "KERNELS", "LOSSES", "PRIORS", "SCHEDULES", "Divergence",
     "Kernel", "LossOutput", "ModelFacts", "Needs", "PreferenceBatch", "PreferenceLoss", "Registry",
-    "SelectionProfile", "TopKLogits", "build", "divergence", "divergence_candidates",
+    "TopKLogits", "build", "divergence", "divergence_candidates",
     "identity", "kernel", "kernel_candidates", "needs", "prior", "schedule",
 ]

@@ -6,14 +6,13 @@ the reports ask it instead of branching on its name.
 - `ModelFacts` and `bind`: what only the model knows (hidden size, embedding size, the output
   embeddings), handed to a built loss and every component inside it before the optimizer is
   made (`loss_fn.bind(facts)`); a component that needs a fact defines `on_bind(facts)`.
-- `SelectionProfile`: how a divergence penalty behaves, read by the selection rule.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -62,19 +61,6 @@ def bind(module: nn.Module, facts: ModelFacts) -> None:
         hook = getattr(member, "on_bind", None)
         if hook is not None:
             hook(facts)
-
-
-class SelectionProfile(NamedTuple):
-    """A divergence penalty's behaviour, each in [0, 1] (raypo.selection.rule reads it).
-
-    boundedness: 1 when the token-level value is bounded, 0 when log-ratios count unbounded.
-    support: how much the value relies on the support the reference cache keeps.
-    geometry: 1 when the value uses distances between tokens.
-    """
-
-    boundedness: float
-    support: float
-    geometry: float
 
 
 def default_of(cls: type, parameter: str) -> Any:

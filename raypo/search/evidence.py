@@ -1,13 +1,15 @@
 """The evidence the search starts from: selection metrics of a (model, dataset), before training.
 
-    table = selection_table(cfg)   # 28 rows, one per kernel-divergence pair, by predicted rank
+    table = selection_table(cfg)   # one row per kernel-divergence pair, by predicted rank
 
 The reference model (the only model there is before training) is run once over a seeded
 subset of the training pairs (`max_pairs`), keeping what the metrics read: prompt/response
 embeddings, per-token log-probs and top-k next-token distributions. Those outputs are cached on
-disk by (model, data, subset) fingerprint through raypo.train.reference, like every other
-reference output, so a second call with the same inputs reads them back. The metrics and the
-rule themselves are pure functions in raypo.selection.
+disk by (model, data, subset) fingerprint through raypo.train.reference.reference_outputs,
+like every other reference output, so a second call with the same inputs reads them back. The
+preparation uses the same public functions as a run's set-up (raypo.train.setup.prepare):
+tokenizing from raypo.data.tokenize, the reference outputs from raypo.train.reference. The
+metrics and the rule themselves are pure functions in raypo.selection.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from raypo.data.builtin import preference_pairs
 from raypo.data.checks import drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
+from raypo.data.tokenize import tokenize_pairs, tokenize_task
 from raypo.losses import LOSSES, TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
@@ -36,10 +38,10 @@ from raypo.train.config import (
     read_yaml_mapping,
     set_dotted,
 )
-from raypo.train.reference import ReferenceOutputs
-from raypo.train.setup import _reference, _tokenize, resolve_device, task_spec
+from raypo.train.reference import ReferenceOutputs, reference_outputs
+from raypo.train.setup import resolve_device, task_spec, token_limits
 
-# The reference outputs the metrics read (the flags of raypo.train.setup._reference).
+# The reference outputs the metrics read (the flags of raypo.train.reference.reference_outputs).
 WANT = {"token_logps": True, "ref_logits": True, "ref_hidden": False, "embeddings": True}
 
 # The config keys that decide the model, the data and the reference outputs: all the metrics
@@ -125,8 +127,7 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
         base, fit = fit_base_model(spec, tokenizer, steps=cfg.task.base_steps,
                                    seed=cfg.data_seed, log=log)
         policy, model_fp = base.to(device), f"tiny-base-{fit}"
-        train = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
-                          f"builtin-{spec.fingerprint()}-train", f"builtin:{spec.variant}")
+        train = tokenize_task(spec, "train", tokenizer, **token_limits(cfg))
         model_name, data_name = "builtin:tiny", f"builtin:{spec.variant}"
     else:
         # data first: a bad dataset path is reported before a model is downloaded
@@ -135,11 +136,14 @@ def collect_evidence(cfg: TrainConfig, *, max_pairs: int = 512, log=print) -> Ev
         policy = load_policy(cfg.model, tokenizer=tokenizer, dtype=cfg.dtype, device=device,
                              lora=cfg.lora, seed=cfg.seed)
         model_fp = model_fingerprint(cfg.model, policy)
-        pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
+        pairs = tokenize_pairs(ds, tokenizer, **token_limits(cfg), source=cfg.data,
+                               data_fingerprint=data_fingerprint(cfg.data))
         train, _ = pairs.split(cfg.eval_fraction, seed=cfg.data_seed)
         model_name, data_name = cfg.model or "builtin:tiny", cfg.data
     subset = _subset(train, max_pairs, cfg.data_seed)
-    ref = _reference(cfg, policy, subset, model_fp, WANT, device, tokenizer, log)
+    ref = reference_outputs(policy, subset, model_fingerprint=model_fp, want=WANT,
+                            topk=cfg.topk, pad_id=tokenizer.pad_token_id, device=device,
+                            chunk=cfg.logits_chunk, log=log)
     vocab_size = int(policy.get_output_embeddings().weight.shape[0])
     return Evidence(ref=ref, vocab_size=vocab_size, model=model_name, data=data_name,
                     pairs=len(subset))
@@ -169,11 +173,13 @@ def evidence_metrics(evidence: Evidence) -> tuple[dict, dict]:
 
 def selection_table(cfg: TrainConfig, *, max_pairs: int = 512, gamma: float | None = None,
                     log=print) -> pd.DataFrame:
-    """One row per kernel-divergence pair (28), sorted by `predicted_rank` (1 = best): the
-    columns of raypo.selection.rule.rank_pairs (kernel, divergence, predicted_rank, score,
-    confidence, kernel_* and divergence_* metrics), plus `model`, `data` and `metric_pairs`
-    (how many pairs the metrics saw). `gamma`: the weight of the kernel margin the search
-    trains with (default: the config's loss's, or the rule's default)."""
+    """One row per kernel-divergence pair (every candidate kernel x every candidate
+    divergence of the registries: raypo.losses.kernel_candidates, divergence_candidates),
+    sorted by `predicted_rank` (1 = best): the columns of raypo.selection.rule.rank_pairs
+    (kernel, divergence, predicted_rank, score, confidence, kernel_* and divergence_*
+    metrics), plus `model`, `data` and `metric_pairs` (how many pairs the metrics saw).
+    `gamma`: the weight of the kernel margin the search trains with (default: the config's
+    loss's, or the rule's default)."""
     evidence = collect_evidence(cfg, max_pairs=max_pairs, log=log)
     if gamma is None:
         gamma = kernel_weight(cfg.loss.name, cfg.loss.params)
@@ -198,7 +204,7 @@ def kernel_weight(loss: str, params: dict) -> float | None:
 
 def describe(table: pd.DataFrame) -> str:
     """A selection table as text: the kernel metrics (one row per kernel), the divergence
-    metrics and profile (one row per divergence), then the ranking of the pairs."""
+    metrics (one row per divergence), then the ranking of the pairs."""
     def block(prefix: str, key: str) -> pd.DataFrame:
         cols = [c for c in table.columns if c.startswith(prefix) and c != key]
         rows = table.drop_duplicates(key).set_index(key)[cols]

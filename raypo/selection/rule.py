@@ -1,5 +1,6 @@
 """The selection rule: from the metrics of raypo.selection.metrics to a ranking of the
-kernel-divergence pairs (the registries' candidates: 4 kernels x 7 divergences), 1 = best.
+kernel-divergence pairs (every candidate kernel x every candidate divergence of the registries:
+raypo.losses.kernel_candidates, divergence_candidates), 1 = best.
 
 DPO-Kernels (arXiv 2501.03271) selects a pair from data statistics without publishing its
 formulas; this rule is the project's own, and it is measured: benchmarks/selection.py trains
@@ -30,8 +31,9 @@ features over the benchmark's settings (the figures in docs/selection.md are lea
 setting-out: each setting scored by weights fitted on the others). Two other features were
 measured and left out: the kernel's ordering accuracy and signal-to-noise ratio on the
 reference embeddings (the margins of the kernels pointed the wrong way on the `length` variant
-and still trained best there: the policy's embeddings move) and the divergence's boundedness
-(what the strength already measures, with the data's own distributions).
+and still trained best there: the policy's embeddings move) and a boundedness of each
+divergence set by hand (what the strength already measures, with the data's own distributions;
+only benchmarks/selection.py keeps those numbers, for the previous rule it measures).
 
 `confidence` (one value per table): an approximate probability that the top pick beats the
 fourth, Phi((S_1 - S_4) / (sqrt(2) RESIDUAL_SD)), with RESIDUAL_SD the fit's residual standard
@@ -51,7 +53,6 @@ import pandas as pd
 from scipy import stats
 
 from raypo.losses import DIVERGENCES, KERNELS, divergence_candidates, kernel_candidates
-from raypo.losses.describe import SelectionProfile
 
 GAMMA = 0.1  # the gamma a kernel's margin is judged at when the caller gives none
 # Fitted by benchmarks/selection.py on its six settings (docs/selection.md).
@@ -61,13 +62,11 @@ RESIDUAL_SD = 0.682
 FEATURES = ("saturation", "strength")
 
 
-def profile(name: str) -> SelectionProfile:
-    """The selection profile of divergence `name`; ValueError if it is not a candidate."""
-    found = DIVERGENCES.get_class(name).profile
-    if found is None:
-        raise ValueError(f"rank_pairs: no selection profile for divergence {name!r}; "
+def check_candidate(name: str) -> None:
+    """ValueError unless divergence `name` is registered and a selection candidate."""
+    if not DIVERGENCES.get_class(name).candidate:  # an unknown name fails here, listing them
+        raise ValueError(f"rank_pairs: divergence {name!r} is not a selection candidate; "
                          f"the candidates are {', '.join(divergence_candidates())}")
-    return found
 
 
 def _metric(metrics: dict[str, float], key: str, owner: str) -> float:
@@ -83,18 +82,19 @@ def features(kernel_metrics: dict[str, dict[str, float]],
     """Per (kernel, divergence) pair, the quantities a fitted rule may weigh (NaN where a
     metric is undefined): `saturation` = tanh(gamma margin_std / 2) and `strength` = log
     penalty strength (the rule's), and `accuracy` = 2 accuracy - 1, `snr` = tanh(snr) of the
-    kernel and the divergence profile's `boundedness` (measured in the benchmark, not used)."""
+    kernel (measured in the benchmark, not used). ValueError for a divergence that is not a
+    selection candidate."""
     out = {}
     for k, km in kernel_metrics.items():
         spread = _metric(km, "margin_std", k)
         for d, dm in divergence_metrics.items():
             strength = _metric(dm, "strength", d)
+            check_candidate(d)
             out[(k, d)] = {
                 "saturation": math.tanh(gamma * spread / 2.0),
                 "strength": math.log(strength) if strength > 0 else math.nan,
                 "accuracy": 2.0 * float(km.get("accuracy", math.nan)) - 1.0,
                 "snr": math.tanh(float(km.get("snr", math.nan))),
-                "boundedness": profile(d).boundedness,
             }
     return out
 
@@ -121,9 +121,8 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
 
     Columns: `kernel`, `divergence`, `predicted_rank` (int), `score` (S), its two parts
     `kernel_score` and `divergence_score`, the features `saturation` and `strength`,
-    `confidence` (the same in every row), `gamma`, the divergence's profile
-    (`divergence_boundedness`, `divergence_support`, `divergence_geometry`) and every given
-    metric as `kernel_<metric>` / `divergence_<metric>`. Deterministic: ties go to the
+    `confidence` (the same in every row), `gamma` and every given metric as
+    `kernel_<metric>` / `divergence_<metric>`. Deterministic: ties go to the
     registries' order of the candidate kernels then divergences (others after, by name).
     """
     if not kernel_metrics or not divergence_metrics:
@@ -136,14 +135,12 @@ def rank_pairs(kernel_metrics: dict[str, dict[str, float]],
     strength = zscore([feats[p]["strength"] for p in pairs])
     rows = []
     for i, (k, d) in enumerate(pairs):
-        b, s, g = profile(d)
         row = {"kernel": k, "divergence": d,
                "score": W_SATURATION * saturation[i] + W_STRENGTH * strength[i],
                "kernel_score": W_SATURATION * saturation[i],
                "divergence_score": W_STRENGTH * strength[i],
                "saturation": feats[(k, d)]["saturation"], "strength": feats[(k, d)]["strength"],
-               "gamma": float(gamma), "divergence_boundedness": b, "divergence_support": s,
-               "divergence_geometry": g}
+               "gamma": float(gamma)}
         row.update({f"kernel_{key}": float(v) for key, v in kernel_metrics[k].items()})
         row.update({f"divergence_{key}": float(v) for key, v in divergence_metrics[d].items()})
         rows.append(row)

@@ -23,6 +23,11 @@ from raypo.train.forward import DEFAULT_CHUNK, token_outputs
 
 SIDES = ("chosen", "rejected")
 
+# Padded tokens per batch of the reference precompute (no activations are kept for a backward
+# pass, so batches can be larger than training's). On a CPU with the tiny model 1k-8k tokens run
+# alike and 16k is ~2x slower (attention scores leave the cache); an accelerator wants more.
+REFERENCE_BATCH_TOKENS = {"cpu": 4096, "accelerator": 16384}
+
 
 @dataclass
 class ReferenceOutputs:
@@ -215,6 +220,34 @@ def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int
 def _pool(states: Tensor, mask: Tensor) -> Tensor:
     """Mean of `states` (R, W, H) over the columns where `mask` (R, W) is 1, in float32."""
     return (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+def reference_outputs(policy, pairs, *, model_fingerprint: str, want: dict, topk: int,
+                      pad_id: int, device: torch.device, chunk: int = DEFAULT_CHUNK,
+                      log=print) -> ReferenceOutputs:
+    """What `want` asks of `policy` over `pairs` (the flags of raypo.train.forward.outputs_for:
+    `token_logps`, `ref_logits` as the top `topk` per position, `ref_hidden`, `embeddings`),
+    read from the cache under (model_fingerprint, the pairs' fingerprint, the flags) or
+    computed once and cached; `log` says which. What a run's set-up and the selection evidence
+    both read."""
+    topk = topk if want["ref_logits"] else None
+    flags = {"token_logps": want["token_logps"], "topk": topk, "hidden": want["ref_hidden"],
+             "embeddings": want["embeddings"]}
+    key = reference_key(model_fingerprint, pairs.fingerprint, flags)
+
+    def compute():
+        log(f"reference outputs: computing for {len(pairs)} pairs (cached afterwards)")
+        return compute_reference(policy, pairs, pad_id=pad_id,
+                                 token_logps=want["token_logps"], topk=topk,
+                                 hidden=want["ref_hidden"], embeddings=want["embeddings"],
+                                 device=device, chunk=chunk,
+                                 tokens_per_batch=REFERENCE_BATCH_TOKENS[
+                                     "cpu" if device.type == "cpu" else "accelerator"])
+
+    ref, was_cached = load_or_compute(key, compute)
+    if was_cached:
+        log(f"reference outputs: read from cache ({len(pairs)} pairs)")
+    return ref
 
 
 def load_or_compute(key: str, compute) -> tuple[ReferenceOutputs, bool]:

@@ -11,13 +11,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import torch
 
-from raypo.data.builtin import TaskSpec, preference_pairs
+from raypo.data.builtin import TaskSpec
 from raypo.data.checks import check_split, drop_ties
 from raypo.data.preference import data_fingerprint, load_preferences
-from raypo.data.tokenize import TokenizedPairs, tokenize_pairs
+from raypo.data.tokenize import TokenizedPairs, tokenize_pairs, tokenize_task
 from raypo.losses import ModelFacts, Needs, PreferenceLoss, build, needs
 from raypo.losses.batch import EMBEDDING_FIELDS
 from raypo.models.encoder import encoder_embeddings, encoder_name
@@ -35,17 +34,7 @@ from raypo.train.builtin_judge import builtin_judge
 from raypo.train.config import ConfigError, TrainConfig
 from raypo.train.forward import outputs_for
 from raypo.train.judging import JudgePrompts, judge_prompts, reference_judgement
-from raypo.train.reference import (
-    ReferenceOutputs,
-    compute_reference,
-    load_or_compute,
-    reference_key,
-)
-
-# Padded tokens per batch of the reference precompute (no activations are kept for a backward
-# pass, so batches can be larger than training's). On a CPU with the tiny model 1k-8k tokens run
-# alike and 16k is ~2x slower (attention scores leave the cache); an accelerator wants more.
-REFERENCE_BATCH_TOKENS = {"cpu": 4096, "accelerator": 16384}
+from raypo.train.reference import ReferenceOutputs, reference_outputs
 
 
 @dataclass
@@ -105,13 +94,11 @@ def task_spec(cfg: TrainConfig) -> TaskSpec:
                     seed=t.seed)
 
 
-def _tokenize(cfg, rows_or_ds, tokenizer, fingerprint, source) -> TokenizedPairs:
-    ds = rows_or_ds if isinstance(rows_or_ds, datasets.Dataset) else datasets.Dataset.from_list(
-        rows_or_ds)
-    return tokenize_pairs(ds, tokenizer, max_length=cfg.max_length,
-                          max_prompt_length=cfg.max_prompt_length,
-                          truncate_responses=cfg.truncate_responses, source=source,
-                          data_fingerprint=fingerprint)
+def token_limits(cfg: TrainConfig) -> dict[str, Any]:
+    """The config's limits on tokenized lengths, as raypo.data.tokenize.tokenize_pairs and
+    tokenize_task take them."""
+    return {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "truncate_responses": cfg.truncate_responses}
 
 
 def loss_needs(cfg: TrainConfig) -> Needs:
@@ -158,15 +145,14 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
                                  device=device, lora=cfg.lora, seed=cfg.seed,
                                  init_state=base.state_dict())
         model_fp = f"tiny-base-{fit}"
-        train_pairs = _tokenize(cfg, preference_pairs(spec, "train"), tokenizer,
-                                f"builtin-{spec.fingerprint()}-train", f"builtin:{spec.variant}")
-        eval_pairs = _tokenize(cfg, preference_pairs(spec, "eval"), tokenizer,
-                               f"builtin-{spec.fingerprint()}-eval", f"builtin:{spec.variant}")
+        train_pairs, eval_pairs = (tokenize_task(spec, split, tokenizer, **token_limits(cfg))
+                                   for split in ("train", "eval"))
     else:
         # the data first: a dataset too small to batch or to hold out fails before a model
         # loads (raypo.data.checks)
         ds = drop_ties(load_preferences(cfg.data), cfg.data)
-        pairs = _tokenize(cfg, ds, tokenizer, data_fingerprint(cfg.data), cfg.data)
+        pairs = tokenize_pairs(ds, tokenizer, **token_limits(cfg), source=cfg.data,
+                               data_fingerprint=data_fingerprint(cfg.data))
         train_idx, eval_idx = pairs.split_indices(cfg.eval_fraction, seed=cfg.data_seed)
         train_pairs, eval_pairs = pairs.subset(train_idx), pairs.subset(eval_idx)
         eval_prompts_raw = ds.select(eval_idx)["prompt"]  # what a judge renders
@@ -201,7 +187,9 @@ def prepare(cfg: TrainConfig, log=print) -> Setup:
     start = time.perf_counter()
     with _autocast(device, autocast_dtype):  # the policy at step 0, as training computes it
         ref_train, ref_eval = (
-            _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log)
+            reference_outputs(policy, pairs, model_fingerprint=model_fp, want=want,
+                              topk=cfg.topk, pad_id=tokenizer.pad_token_id, device=device,
+                              chunk=cfg.logits_chunk, log=log)
             for pairs in (train_pairs, eval_pairs))
     reference_seconds = time.perf_counter() - start + encoder_seconds
     if encoded:  # the loss reads them where it reads the reference's (ReferenceOutputs.fields)
@@ -282,25 +270,3 @@ def _fit_kernel(loss_fn, ref: ReferenceOutputs) -> None:
     if hasattr(loss_fn, "fit") and ref.embeddings:
         embeddings = torch.cat([ref.embeddings["chosen"], ref.embeddings["rejected"]])
         loss_fn.fit(embeddings.to(next(loss_fn.parameters(), embeddings).device))
-
-
-def _reference(cfg, policy, pairs, model_fp, want, device, tokenizer, log) -> ReferenceOutputs:
-    topk = cfg.topk if want["ref_logits"] else None
-    embeddings = want["embeddings"]
-    flags = {"token_logps": want["token_logps"], "topk": topk, "hidden": want["ref_hidden"],
-             "embeddings": embeddings}
-    key = reference_key(model_fp, pairs.fingerprint, flags)
-
-    def compute():
-        log(f"reference outputs: computing for {len(pairs)} pairs (cached afterwards)")
-        return compute_reference(policy, pairs, pad_id=tokenizer.pad_token_id,
-                                 token_logps=want["token_logps"], topk=topk,
-                                 hidden=want["ref_hidden"], embeddings=embeddings, device=device,
-                                 chunk=cfg.logits_chunk,
-                                 tokens_per_batch=REFERENCE_BATCH_TOKENS[
-                                     "cpu" if device.type == "cpu" else "accelerator"])
-
-    ref, cached = load_or_compute(key, compute)
-    if cached:
-        log(f"reference outputs: read from cache ({len(pairs)} pairs)")
-    return ref

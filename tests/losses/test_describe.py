@@ -129,8 +129,7 @@ def test_bind_leaves_a_kernel_built_with_its_dimension_alone():
 def test_selection_candidates_come_from_the_registries():
     assert kernel_candidates() == ("polynomial", "rbf", "mahalanobis", "spectral")
     assert "hmk" in KERNELS and "hmk" not in kernel_candidates()
-    assert set(divergence_candidates()) == {n for n, c in DIVERGENCES.items()
-                                            if c.profile is not None}
+    assert set(divergence_candidates()) == {n for n, c in DIVERGENCES.items() if c.candidate}
     assert len(kernel_candidates()) * len(divergence_candidates()) == 28
     assert DIVERGENCES.get_class("wasserstein").support_k() == 8
     assert DIVERGENCES.get_class("wasserstein").support_k(k=3) == 3

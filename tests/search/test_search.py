@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import raypo.reports as reports
 from raypo.cli import app
+from raypo.losses import divergence_candidates, kernel_candidates
 
 TINY = {"task": {"variant": "graded", "train_pairs": 64, "eval_pairs": 16, "base_steps": 20},
         "steps": 12, "batch_size": 8, "eval_every": 4, "eval_samples": 8, "warmup_steps": 2,
@@ -59,7 +60,9 @@ def test_the_quickstart_search_writes_one_row_per_trial_and_starts_from_the_pred
     assert sorted(trials["number"]) == [1, 2, 3, 4]
 
     selection = pd.read_parquet(folder / "selection.parquet")
-    assert len(selection) == 28 and sorted(selection["predicted_rank"]) == list(range(1, 29))
+    pairs = len(kernel_candidates()) * len(divergence_candidates())
+    assert len(selection) == pairs
+    assert sorted(selection["predicted_rank"]) == list(range(1, pairs + 1))
     rank = {(k, d): r for k, d, r in zip(selection["kernel"], selection["divergence"],
                                          selection["predicted_rank"], strict=True)}
     space = yaml.safe_load((SPACES / "quickstart.yaml").read_text())

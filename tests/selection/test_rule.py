@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from raypo.losses import divergence_candidates, kernel_candidates
+from raypo.losses import DIVERGENCES, divergence_candidates, kernel_candidates
 from raypo.selection.rule import (
     RESIDUAL_SD,
     W_SATURATION,
@@ -23,16 +23,21 @@ from raypo.selection.rule import (
 SPREADS = {"polynomial": 0.2, "rbf": 5.0, "mahalanobis": 80.0, "spectral": 1.0}
 STRENGTHS = {"kl": 0.008, "js": 0.002, "hellinger": 0.002, "renyi": 0.02,
              "bhattacharyya": 0.002, "fdiv": 0.008, "wasserstein": 0.02}
+# every candidate of the registries has metrics: one this file does not name gets a middling
+# value, so a new kernel or divergence leaves these tests as they are
+PAIRS = len(kernel_candidates()) * len(divergence_candidates())
 
 
 def _kernels(**spreads):
+    given = {**{k: SPREADS.get(k, 1.0) for k in kernel_candidates()}, **spreads}
     return {k: {"margin_mean": 0.0, "margin_std": s, "accuracy": 0.5, "snr": 0.0}
-            for k, s in {**SPREADS, **spreads}.items()}
+            for k, s in given.items()}
 
 
 def _divergences(**strengths):
+    given = {**{d: STRENGTHS.get(d, 0.008) for d in divergence_candidates()}, **strengths}
     return {d: {"coverage": 0.99, "entropy": 0.5, "kurtosis": 4.0, "tail_mass": 0.02,
-                "drift": 0.01, "strength": s} for d, s in {**STRENGTHS, **strengths}.items()}
+                "drift": 0.01, "strength": s} for d, s in given.items()}
 
 
 def _rank(table, kernel, divergence) -> int:
@@ -42,7 +47,7 @@ def _rank(table, kernel, divergence) -> int:
 
 def test_the_ranking_is_a_deterministic_permutation_of_the_candidates():
     table = rank_pairs(_kernels(), _divergences())
-    assert len(table) == 28 and sorted(table["predicted_rank"]) == list(range(1, 29))
+    assert len(table) == PAIRS and sorted(table["predicted_rank"]) == list(range(1, PAIRS + 1))
     assert set(zip(table["kernel"], table["divergence"], strict=True)) == {
         (k, d) for k in kernel_candidates() for d in divergence_candidates()}
     assert table.equals(rank_pairs(_kernels(), _divergences()))
@@ -79,8 +84,8 @@ def test_a_stronger_penalty_ranks_higher():
 
 
 def test_with_nothing_to_go_on_the_rule_says_so_and_keeps_the_registry_order():
-    same = rank_pairs(_kernels(**{k: 1.0 for k in SPREADS}),
-                      _divergences(**{d: 0.01 for d in STRENGTHS}))
+    same = rank_pairs(_kernels(**{k: 1.0 for k in kernel_candidates()}),
+                      _divergences(**{d: 0.01 for d in divergence_candidates()}))
     assert (same["score"] == 0).all()
     assert same["confidence"].iloc[0] == pytest.approx(0.5)
     assert list(zip(same["kernel"], same["divergence"], strict=True)) == [
@@ -102,6 +107,18 @@ def test_nan_metrics_make_their_feature_neutral():
     assert table["score"].notna().all()
     assert np.allclose(zscore([1.0, math.nan, 3.0]), [-1.0, 0.0, 1.0])
     assert (zscore([2.0, 2.0]) == 0).all()
+
+
+def test_a_divergence_that_is_not_a_candidate_is_neither_ranked_nor_accepted(monkeypatch):
+    monkeypatch.setattr(DIVERGENCES.get_class("js"), "candidate", False)
+    assert "js" not in divergence_candidates()
+    with pytest.raises(ValueError, match="'js' is not a selection candidate"):
+        rank_pairs(_kernels(), _divergences(js=0.002))
+    table = rank_pairs(_kernels(), _divergences())
+    assert len(table) == len(kernel_candidates()) * len(divergence_candidates())
+    # the measured metrics are all a divergence brings: no hand-set profile columns
+    assert not {"divergence_boundedness", "divergence_support",
+                "divergence_geometry"} & set(table.columns)
 
 
 def test_unknown_names_and_missing_metrics_are_errors():

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from raypo.losses.batch import Logits, TopKLogits
-from raypo.losses.describe import SelectionProfile
 
 # Log-probabilities are clamped below at log(1e-20) so that exact zeros in P or Q (logits of
 # -inf) give finite values and finite gradients (log 0 = -inf, and 0 * inf = nan in backward),
@@ -107,8 +106,10 @@ class Divergence(nn.Module):
     """
 
     name: str = "?"
-    # How the penalty behaves, for the selection rule; None: not a selection candidate.
-    profile: ClassVar[SelectionProfile | None] = None
+    # Whether the selection rule ranks this divergence as a candidate of the kernel-divergence
+    # search (raypo.losses.divergence_candidates; as a kernel's `candidate`). The rule reads
+    # only measured metrics of a candidate (raypo.selection.metrics), nothing hand-set here.
+    candidate: ClassVar[bool] = True
 
     @classmethod
     def support_k(cls, **params) -> int | None:

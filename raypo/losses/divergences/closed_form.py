@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LN2, LOG_FLOOR, Divergence, mass
 from raypo.losses.registry import DIVERGENCES, check_positive
 
@@ -42,9 +41,6 @@ class KL(Divergence):
     Formula and paper: docs/losses.md#divergence-kl
     """
 
-    # unbounded, and every token's log-ratio counts: it relies on the whole support
-    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
-
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         return kl_terms(logp, logq).sum(-1)
 
@@ -59,9 +55,6 @@ class JS(Divergence):
 
     Formula and paper: docs/losses.md#divergence-js
     """
-
-    # bounded by log 2; bounded per-token terms make the mass outside the support matter less
-    profile = SelectionProfile(boundedness=1.0, support=0.5, geometry=0.0)
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         r = logp - logq
@@ -79,8 +72,6 @@ class Hellinger(Divergence):
 
     Formula and paper: docs/losses.md#divergence-hellinger
     """
-
-    profile = SelectionProfile(boundedness=1.0, support=0.5, geometry=0.0)  # in [0, 1]
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         return hellinger_terms(logp, logq).sum(-1).clamp(0.0, 1.0)
@@ -102,9 +93,6 @@ class Renyi(Divergence):
 
     Formula and paper: docs/losses.md#divergence-renyi
     """
-
-    # unbounded, and it weights P^2 / Q: it relies on the support even more than KL
-    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
 
     def __init__(self, alpha: float = 2.0):
         super().__init__()
@@ -131,9 +119,6 @@ class Bhattacharyya(Divergence):
 
     Formula and paper: docs/losses.md#divergence-bhattacharyya
     """
-
-    # -log(1 - H^2): unbounded only as the supports become disjoint
-    profile = SelectionProfile(boundedness=0.5, support=0.5, geometry=0.0)
 
     def from_log_probs(self, logp: Tensor, logq: Tensor) -> Tensor:
         h2 = hellinger_terms(logp, logq).sum(-1)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LN2, Divergence, mass
 from raypo.losses.registry import DIVERGENCES
 
@@ -79,9 +78,6 @@ class FDivergence(Divergence):
 
     Formula and paper: docs/losses.md#divergence-fdiv
     """
-
-    # default f = reverse_kl: unbounded where the policy drops the reference's mass
-    profile = SelectionProfile(boundedness=0.0, support=1.0, geometry=0.0)
 
     def __init__(self, f: str = "reverse_kl"):
         super().__init__()

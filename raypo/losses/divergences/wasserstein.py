@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raypo.losses.batch import Logits, TopKLogits
-from raypo.losses.describe import SelectionProfile
 from raypo.losses.divergences.base import LOG_FLOOR, Divergence, check_pair, log1mexp
 from raypo.losses.registry import DIVERGENCES, check_positive
 
@@ -71,9 +70,6 @@ class Wasserstein(Divergence):
 
     Formula and paper: docs/losses.md#divergence-wasserstein
     """
-
-    # bounded by the cost's diameter; transports only the top k per side; uses token geometry
-    profile = SelectionProfile(boundedness=1.0, support=1.0, geometry=1.0)
 
     @classmethod
     def support_k(cls, k: int = 8, **params) -> int:
