@@ -14,6 +14,7 @@ metrics and the rule themselves are pure functions in raypo.selection.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from raypo.data.preference import data_fingerprint, load_preferences
 from raypo.data.tokenize import tokenize_pairs, tokenize_task
 from raypo.losses import LOSSES, TopKLogits
 from raypo.models.load import load_policy, load_tokenizer, model_fingerprint
+from raypo.search.space import load_space
 from raypo.selection.metrics import divergence_metrics, kernel_metrics
 from raypo.selection.rule import rank_pairs
 from raypo.train.base_model import fit_base_model
@@ -35,7 +37,6 @@ from raypo.train.config import (
     ConfigError,
     TrainConfig,
     format_validation_error,
-    read_yaml_mapping,
     set_dotted,
 )
 from raypo.train.reference import ReferenceOutputs, reference_outputs
@@ -49,7 +50,6 @@ WANT = {"token_logps": True, "ref_logits": True, "ref_hidden": False, "embedding
 RELEVANT_KEYS = ("model", "data", "task", "max_length", "max_prompt_length",
                  "truncate_responses", "topk", "seed", "data_seed", "batch_size", "eval_fraction",
                  "dtype", "device", "lora")
-_RANGE_KEYS = {"low", "high", "choice", "value", "when"}
 
 
 @dataclass
@@ -63,28 +63,19 @@ class Evidence:
     pairs: int  # pairs the metrics were computed on
 
 
-def _fixed(node: Any) -> Any:
-    """A config subtree without the search ranges (`{low:, high:}`, `{choice:}`, ...): those
-    parameters fall back to their defaults, so a search space can serve as a config."""
-    if isinstance(node, dict):
-        if set(node) & _RANGE_KEYS:
-            return None
-        return {k: v for k, v in ((k, _fixed(v)) for k, v in node.items()) if v is not None}
-    return node
-
-
 def metrics_config(path: str | Path | None, *, model: str | None = None,
                    data: str | None = None, overrides: dict[str, Any] | None = None
                    ) -> TrainConfig:
     """The TrainConfig the metrics run on: the RELEVANT_KEYS of `path` (a training config or a
-    search space; missing or None: defaults, i.e. the built-in task), then `overrides`
-    (dotted keys already parsed), then `model` / `data` where given. ConfigError names the
-    file and the key."""
+    search space, read by the space parser with `model` / `data` where given; its searched
+    values are ignored: they fall back to their defaults; missing or None: defaults, i.e. the
+    built-in task), then `overrides` (dotted keys already parsed). ConfigError names the file
+    and the key."""
     source = str(path) if path is not None else "<config>"
     tree: dict = {}
     if path is not None:
-        loaded = read_yaml_mapping(path)
-        tree = {k: v for k, v in (_fixed(loaded) or {}).items() if k in RELEVANT_KEYS}
+        space = load_space(path, {"model": model, "data": data})
+        tree = {k: v for k, v in copy.deepcopy(space.fixed).items() if k in RELEVANT_KEYS}
     for dotted, value in (overrides or {}).items():
         set_dotted(tree, dotted, value)
     if model is not None:
