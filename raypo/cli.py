@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -301,22 +300,6 @@ def search(
     typer.echo(str(out))
 
 
-def _number(value):
-    """A JSON-safe value: numpy scalars as Python numbers (whole numbers as ints), NaN and
-    missing as None."""
-    if value is None or isinstance(value, str | bool):
-        return value
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, bool | int):
-        return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return value
-    return None if math.isnan(value) else value
-
-
 @app.command()
 def select(
     report: Annotated[str, typer.Argument(help="a report folder (reports/<name>, or "
@@ -330,8 +313,7 @@ def select(
     ranking of kernel-divergence pairs (or of trials). The ranking compares every trial,
     pruned ones included, at the highest step all of them reached (Report.at_common_step)."""
     from raypo.reports import load
-    from raypo.reports.schema import describe
-    from raypo.reports.tables import common_step_note
+    from raypo.reports.selecting import NothingToSelect, select_output
 
     if top < 1:
         _fail("--top: expected a positive number")
@@ -339,112 +321,13 @@ def select(
         rep = load(report)
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
-    metric, mode = rep.objective["metric"], rep.objective["mode"]
-    all_pairs = rep.pairs()  # at the common step, pruned trials counted per pair
-    pairs = all_pairs.head(top)
-    common = rep.at_common_step()
-    best = common.sort_values("value", ascending=mode == "min", kind="stable").head(top)
-    if pairs.empty and best.empty:
-        _fail(f"{report}: no finished trial to choose from (nor a pruned one with a value); "
-              f"{len(rep.trials)} trials in the report")
-    values = common_step_note(common, "counted per pair" if not pairs.empty else "marked p")
-    # the model: the best finished trial's (a pruned trial keeps none)
-    finished = rep.ok.sort_values("objective", ascending=mode == "min").head(1)
-    from raypo.reports.status import incomplete_note
-
-    note = incomplete_note(rep)  # a part of a search is not the search: say so first
-    if note:
+    try:
+        out, note = select_output(rep, report, top, as_json=as_json)
+    except NothingToSelect as e:
+        _fail(str(e))
+    if note:  # a part of a search is not the search: say so first
         typer.echo(f"note: {note}", err=True)
-    stats = rep.confirmation()
-    confirmed = not stats.empty
-    out = {
-        "report": str(report), "status": rep.status, "incomplete": note, "metric": metric,
-        "mode": mode,
-        "single_seed": not confirmed,
-        "values": {"basis": common.attrs["basis"], "step": common.attrs["step"],
-                   "pruned": common.attrs["pruned"], "left_out": common.attrs["left_out"],
-                   "note": values},
-        "pairs": [{"kernel": r.kernel, "divergence": r.divergence, "objective": r.objective,
-                   "metric": metric, "std": _number(r.std), "best": r.best,
-                   "trials": int(r.trials), "pruned": int(r.pruned),
-                   "predicted_rank": _number(r.predicted_rank)}
-                  for r in pairs.itertuples()],
-        "best": [{"trial_id": row["trial_id"], "variant": describe(row),
-                  "status": row["status"],
-                  "step": None if math.isnan(row["step"]) else int(row["step"]),
-                  "objective": _number(row["value"])} for _, row in best.iterrows()],
-        "confirmation": [{k: _number(v) for k, v in row.items()}
-                         for row in stats.to_dict("records")]
-        if confirmed else None,
-        "verdict": rep.verdict if confirmed else
-        "single-seed ranking: no confirmation has run (raypo confirm REPORT)",
-        "model_path": _chosen_model(rep, finished),
-    }
-    if as_json:
-        typer.echo(json.dumps(out))
-        return
-    name = rep.meta.get("name", report)
-    typer.echo(f"{name}: {len(rep.trials)} trials; objective {metric} ({mode})")
-    if note:
-        typer.echo(f"warning: {note}")
-    if confirmed:
-        row0 = stats.iloc[0]
-        typer.echo(f"confirmation: {len(stats)} finalist(s) against {row0['baseline']}, "
-                   f"{int(row0['seeds'])} seeds each, paired by seed (paired t-test, "
-                   "Holm-corrected across finalists)")
-        for r in stats.itertuples():
-            typer.echo(
-                f"{r.rank}. {r.label}: {metric} {r.mean:.4f} (95% CI {r.ci_low:.4f} to "
-                f"{r.ci_high:.4f}{_clipped(r, '')}, n {r.n}); {r.baseline} "
-                f"{r.baseline_mean:.4f} (95% CI {r.baseline_ci_low:.4f} to "
-                f"{r.baseline_ci_high:.4f}{_clipped(r, 'baseline_')}); difference "
-                f"{r.diff_mean:+.4f} (95% CI {r.diff_ci_low:+.4f} to {r.diff_ci_high:+.4f}"
-                f"{_clipped(r, 'diff_')}), Holm p {r.p_holm:.3g}, d_z {r.effect_size:.2f}")
-        typer.echo(f"verdict: {rep.verdict}")
-        _echo_model(report, out["model_path"], "the best finalist's best seed")
-        return
-    typer.echo(f"values: {values}")
-    if not pairs.empty:
-        typer.echo(f"{len(all_pairs)} kernel-divergence pairs tried:")
-        for i, r in enumerate(out["pairs"], 1):
-            spread = "" if r["std"] is None else f" ± {r['std']:.4f}"
-            rank = "-" if r["predicted_rank"] is None else int(r["predicted_rank"])
-            pruned = f", {r['pruned']} pruned" if r["pruned"] else ""
-            typer.echo(f"{i}. kernel {r['kernel']}, divergence {r['divergence']}: "
-                       f"{metric} {r['objective']:.4f}{spread} (best {r['best']:.4f}, "
-                       f"{r['trials']} trial{'s' * (r['trials'] != 1)}{pruned}, "
-                       f"predicted rank {rank})")
-    else:
-        for i, r in enumerate(out["best"], 1):
-            mark = " p" if r["status"] == "pruned" else ""
-            typer.echo(f"{i}.{mark} {r['trial_id']} {r['variant']}: {metric} "
-                       f"{r['objective']:.4f}")
-    typer.echo("this ranking is single-seed: each trial ran once, across different settings, "
-               "so its order may be seed noise; `raypo confirm REPORT` (or `confirm:` in the "
-               "space) tests the best against dpo over several seeds")
-    _echo_model(report, out["model_path"], "the best finished trial")
-
-
-def _chosen_model(rep, best) -> str | None:
-    """The kept model of what `select` recommends: the confirmation's (its best finalist's
-    best seed) or, without one, the best trial's; a path relative to the report folder."""
-    confirmation = rep.meta.get("confirmation") or {}
-    if confirmation:
-        return confirmation.get("model_path")
-    path = best.iloc[0].get("model_path") if len(best) else None
-    return path if isinstance(path, str) and path else None
-
-
-def _clipped(row, prefix: str) -> str:
-    """", clipped to the metric's range" where the interval was (raypo.reports.stats)."""
-    return ", clipped to the metric's range" if getattr(row, f"{prefix}ci_clipped",
-                                                         False) else ""
-
-
-def _echo_model(report: str, path: str | None, what: str) -> None:
-    if path:
-        typer.echo(f"model ({what}): {report.rstrip('/')}/{path}; copy it out with: raypo "
-                   f"export {report} DIR")
+    typer.echo(out)
 
 
 @app.command()

@@ -10,9 +10,10 @@ sheet is inline, and nothing is loaded from elsewhere. Sections, top to bottom:
   selection rule's predicted rank in each cell);
 - the objective over trials (by trial number) with the best-so-far line;
 - the true-reward-vs-KL frontier of the built-in task, Pareto front highlighted;
-- parameter importances from Optuna, on an in-memory study rebuilt from the trials table;
+- parameter importances from Optuna (raypo.reports.importances);
 - the ten best trials, and the failed ones with their errors.
 
+Every number drawn comes from Report's queries (raypo.reports.tables); this module draws.
 matplotlib is imported when a page is drawn, never when raypo is: figures are `Figure` objects
 rendered straight to SVG, so no pyplot, no GUI backend and no global state is touched (the
 way matplotlib recommends for web servers).
@@ -24,16 +25,16 @@ import html
 import io
 import math
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from raypo.files import atomic_write
-from raypo.reports.schema import NOT_PARAMETERS, is_parameter, metric_bounds
+from raypo.reports.importances import importances, missing, target_quantile
+from raypo.reports.schema import metric_bounds
 from raypo.reports.status import incomplete_note
-from raypo.reports.tables import Report, common_step_note
+from raypo.reports.tables import Report, by_number, common_step_note
 
 # Shown beside the objective in the best-trials table, when present.
 TABLE_METRICS = ("true_reward", "kl", "pref_accuracy", "reward_margin", "tokens_per_s", "wall_s")
@@ -45,59 +46,11 @@ BEST = "#d62728"
 
 # --- what the report says about itself ----------------------------------------------------
 
-def objective_mode(report: Report) -> str:
-    """"max" or "min": the first objective's mode in search.json (max when absent)."""
-    objectives = report.meta.get("objectives") or []
-    mode = objectives[0].get("mode", "max") if objectives else "max"
-    return "min" if str(mode).lower() == "min" else "max"
+FRONTIER = [{"metric": "true_reward", "mode": "max"}, {"metric": "kl", "mode": "min"}]
 
 
 def objective_label(report: Report) -> str:
-    objectives = report.meta.get("objectives") or []
-    if not objectives:
-        return f"objective ({objective_mode(report)})"
-    return ", ".join(f"{o.get('metric', '?')} ({o.get('mode', 'max')})" for o in objectives)
-
-
-def hyperparameter_columns(report: Report) -> list[str]:
-    """The trials table's hyperparameter columns: the searched parameters named in search.json
-    (each is its own column, raypo.reports.schema), else every parameter column of the
-    schema; never the seed, which is noise to average over, not a parameter."""
-    trials = report.trials
-    named = [p for p in report.meta.get("params") or [] if p in trials.columns
-             and p not in NOT_PARAMETERS]
-    if named:
-        return named
-    return [c for c in trials.columns if is_parameter(c)]
-
-
-def varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
-    """The columns that take more than one value (missing counts as a value) in `frame`."""
-    return [c for c in columns if c in frame
-            and frame[c].astype(object).where(frame[c].notna(), None).map(repr).nunique() > 1]
-
-
-def finished(report: Report) -> pd.DataFrame:
-    """The ok trials with a finite objective, in the order they started."""
-    trials = report.trials
-    if trials.empty or "status" not in trials or "objective" not in trials:
-        return trials.iloc[0:0]
-    ok = trials[(trials["status"] == "ok")
-                & pd.to_numeric(trials["objective"], errors="coerce").notna()].copy()
-    ok["objective"] = ok["objective"].astype(float)
-    return _by_number(ok)
-
-
-def _by_number(frame: pd.DataFrame) -> pd.DataFrame:
-    if "number" in frame and frame["number"].notna().all():
-        return frame.sort_values("number", kind="stable")
-    return frame
-
-
-def ranked(report: Report) -> pd.DataFrame:
-    """Finished trials, best first by the objective's mode."""
-    return finished(report).sort_values("objective", ascending=objective_mode(report) == "min",
-                                        kind="stable")
+    return ", ".join(f"{o['metric']} ({o['mode']})" for o in report.objectives)
 
 
 # --- formatting ---------------------------------------------------------------------------
@@ -157,90 +110,80 @@ def svg(fig) -> str:
 
 
 def heatmap_section(report: Report) -> str:
-    common = report.at_common_step()  # finished and pruned trials, at one step
-    selection = report.selection
-    has_selection = not selection.empty and {"kernel", "divergence", "predicted_rank"} <= set(
-        selection.columns)
-    kernel_trials = common[common["kernel"].notna()] if "kernel" in common else common.iloc[0:0]
-    if kernel_trials.empty:
+    pairs = report.pairs()  # finished and pruned trials, at one step
+    if pairs.empty:
         return note("No kernel trials: no trial with a value has a kernel, so there is no "
                     "kernel x divergence heatmap." + (" The selection rule's ranking is in "
-                    "selection.parquet." if has_selection else ""))
-
-    def label(value) -> str:
-        return "none" if value is None or (isinstance(value, float) and math.isnan(value)) \
-            else str(value)
-
-    cells = kernel_trials.assign(
-        _k=kernel_trials["kernel"].map(label),
-        _d=(kernel_trials["divergence"] if "divergence" in kernel_trials
-            else pd.Series(None, index=kernel_trials.index, dtype=object)).map(label),
-        _pruned=kernel_trials["status"] == "pruned")
-    stats = cells.groupby(["_k", "_d"]).agg(mean=("value", "mean"), count=("value", "size"),
-                                            pruned=("_pruned", "sum"))
-    ranks: dict[tuple[str, str], float] = {}
-    if has_selection:
-        for row in selection.itertuples(index=False):
-            ranks[(label(row.kernel), label(row.divergence))] = row.predicted_rank
-    elif "predicted_rank" in cells:
-        for (k, d), rank in cells.groupby(["_k", "_d"])["predicted_rank"].first().items():
-            ranks[(k, d)] = rank
-    kernels = list(dict.fromkeys([*sorted({k for k, _ in ranks}), *sorted(cells["_k"].unique())]))
+                    "selection.parquet." if report.predicted_ranks() else ""))
+    ranks = report.predicted_ranks()  # every pair the rule ranked, tried or not
+    cells = {(k, d): (mean, count, pruned) for k, d, mean, count, pruned in zip(
+        pairs["kernel"].astype(str), pairs["divergence"].astype(str), pairs["objective"],
+        pairs["trials"], pairs["pruned"], strict=True)}
+    kernels = list(dict.fromkeys([*sorted({k for k, _ in ranks}),
+                                  *sorted({k for k, _ in cells})]))
     divergences = list(dict.fromkeys([*sorted({d for _, d in ranks}),
-                                      *sorted(cells["_d"].unique())]))
-
+                                      *sorted({d for _, d in cells})]))
     values = np.full((len(kernels), len(divergences)), np.nan)
-    for (k, d), row in stats.iterrows():
-        values[kernels.index(k), divergences.index(d)] = row["mean"]
+    for (k, d), (mean, _, _) in cells.items():
+        values[kernels.index(k), divergences.index(d)] = mean
 
     import matplotlib as mpl
 
+    mode = report.objective["mode"]
     fig = _figure(max(6.0, 1.1 * len(divergences) + 2.5), max(3.0, 0.8 * len(kernels) + 1.5))
     ax = fig.add_subplot()
     cmap = mpl.colormaps["viridis"].with_extremes(bad="#eeeeee")
-    if objective_mode(report) == "min":
-        cmap = cmap.reversed()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto",
+                      cmap=cmap.reversed() if mode == "min" else cmap)
     finite = values[np.isfinite(values)]
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     for i, k in enumerate(kernels):
         for j, d in enumerate(divergences):
-            lines = []
-            if (k, d) in stats.index:
-                mean, count, pruned = stats.loc[(k, d), ["mean", "count", "pruned"]]
-                lines += [f"{mean:.3g}", f"n={int(count)}"
-                          + (f" ({int(pruned)} pruned)" if pruned else "")]
-            rank = ranks.get((k, d))
-            if rank is not None and not (isinstance(rank, float) and math.isnan(rank)):
-                rank = float(rank)
-                lines.append(f"rank {int(rank)}" if rank.is_integer() else f"rank {rank:.3g}")
-            if not lines:
-                continue
-            value = values[i, j]
-            dark = np.isfinite(value) and hi > lo and (value - lo) / (hi - lo) < 0.55
-            if objective_mode(report) == "min":
-                dark = np.isfinite(value) and hi > lo and (value - lo) / (hi - lo) > 0.45
-            if np.isfinite(value) and hi == lo:
-                dark = True
-            ax.text(j, i, "\n".join(lines), ha="center", va="center", fontsize=8,
-                    color="white" if dark else TEXT_COLOR)
+            lines = _cell_lines(cells.get((k, d)), ranks.get((k, d)))
+            if lines:
+                ax.text(j, i, "\n".join(lines), ha="center", va="center", fontsize=8,
+                        color="white" if _dark(values[i, j], lo, hi, mode) else TEXT_COLOR)
     ax.set_xticks(range(len(divergences)), divergences, rotation=30, ha="right")
     ax.set_yticks(range(len(kernels)), kernels)
     ax.set_xlabel("divergence")
     ax.set_ylabel("kernel")
-    fig.colorbar(image, ax=ax, label=f"mean objective ({objective_mode(report)} is better)")
+    fig.colorbar(image, ax=ax, label=f"mean objective ({mode} is better)")
     caption = ("Mean objective of the trials in each kernel-divergence cell; n is the number "
                "of trials, of which the pruned ones (stopped early by the scheduler) are "
                "counted in brackets")
     caption += (", rank the selection rule's predicted rank (1 = tried first); grey cells "
                 "were not tried." if ranks else ".")
-    caption += f" Values: {common_step_note(common, 'counted per cell')}."
+    caption += f" Values: {common_step_note(pairs, 'counted per cell')}."
     return f"<figure>{svg(fig)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
+def _cell_lines(cell, rank) -> list[str]:
+    """A heatmap cell's text: its mean, trial count (pruned ones in brackets) and rank."""
+    lines = []
+    if cell is not None:
+        mean, count, pruned = cell
+        lines += [f"{mean:.3g}", f"n={int(count)}" + (f" ({int(pruned)} pruned)" if pruned
+                                                      else "")]
+    if rank is not None and not (isinstance(rank, float) and math.isnan(rank)):
+        rank = float(rank)
+        lines.append(f"rank {int(rank)}" if rank.is_integer() else f"rank {rank:.3g}")
+    return lines
+
+
+def _dark(value: float, lo: float, hi: float, mode: str) -> bool:
+    """Whether a cell's colour is dark enough for white text (viridis: dark at its low end,
+    reversed for a minimised objective)."""
+    if not np.isfinite(value):
+        return False
+    if hi == lo:
+        return True
+    share = (value - lo) / (hi - lo)
+    return share > 0.45 if mode == "min" else share < 0.55
+
+
 def progress_section(report: Report) -> str:
-    trials = _by_number(report.trials)
-    ok = finished(report)
+    trials = by_number(report.trials)
+    ok = report.finished()
     if ok.empty:
         return note("No finished trial with an objective yet.")
     position = (trials["number"] if "number" in trials and trials["number"].notna().all()
@@ -250,7 +193,8 @@ def progress_section(report: Report) -> str:
     x = position.loc[ok.index].astype(float).to_numpy()
     y = ok["objective"].to_numpy()
     ax.scatter(x, y, s=22, color=ACCENT, label="finished trial", zorder=3)
-    best = np.maximum.accumulate(y) if objective_mode(report) == "max" else np.minimum.accumulate(y)
+    maximise = report.objective["mode"] == "max"
+    best = np.maximum.accumulate(y) if maximise else np.minimum.accumulate(y)
     ax.step(x, best, where="post", color=BEST, linewidth=1.6, label="best so far", zorder=2)
     for status, marker, color in (("pruned", "o", "#999999"), ("failed", "x", BEST)):
         rows = trials[trials["status"] == status] if "status" in trials else trials.iloc[0:0]
@@ -277,38 +221,24 @@ def progress_section(report: Report) -> str:
             f"are marked along the bottom edge.</figcaption></figure>")
 
 
-def pareto_front(kl: np.ndarray, reward: np.ndarray) -> np.ndarray:
-    """Indices of the points no other point beats on both (lower KL, higher true reward),
-    ordered by KL."""
-    order = np.lexsort((-reward, kl))
-    front, best = [], -np.inf
-    for i in order:
-        if reward[i] > best:
-            front.append(i)
-            best = reward[i]
-    return np.array(front, dtype=int)
-
-
 def frontier_section(report: Report) -> str:
-    ok = report.trials[report.trials["status"] == "ok"] if "status" in report.trials \
-        else report.trials.iloc[0:0]
-    if "true_reward" not in ok or "kl" not in ok:
+    if "true_reward" not in report.trials or "kl" not in report.trials:
         return note("No true_reward column: this search did not run on the built-in task, "
                     "so there is no true-reward-vs-KL frontier.")
-    points = ok[["trial_id"]].assign(
-        true_reward=pd.to_numeric(ok["true_reward"], errors="coerce"),
-        kl=pd.to_numeric(ok["kl"], errors="coerce")).dropna(subset=["true_reward", "kl"])
+    points = report.measured(["true_reward", "kl"])
     if points.empty:
         return note("No finished trial has both true_reward and kl.")
-    kl = points["kl"].astype(float).to_numpy()
-    reward = points["true_reward"].astype(float).to_numpy()
-    front = pareto_front(kl, reward)
+    front = points.loc[report.pareto(FRONTIER).index].sort_values(
+        ["kl", "true_reward"], ascending=[True, False], kind="stable")
     fig = _figure(7.0, 4.2)
     ax = fig.add_subplot()
-    ax.scatter(kl, reward, s=22, color="#9ecae1", label="finished trial", zorder=2)
-    ax.plot(kl[front], reward[front], "-o", color=BEST, markersize=5, linewidth=1.4,
+    ax.scatter(points["kl"], points["true_reward"], s=22, color="#9ecae1",
+               label="finished trial", zorder=2)
+    ax.plot(front["kl"], front["true_reward"], "-o", color=BEST, markersize=5, linewidth=1.4,
             label="Pareto front", zorder=3)
-    ref = pd.to_numeric(ok.get("ref_true_reward", pd.Series(dtype=float)), errors="coerce")
+    finished = report.measured([])
+    ref = pd.to_numeric(finished.get("ref_true_reward", pd.Series(dtype=float)),
+                        errors="coerce")
     if ref.notna().any():
         ax.axhline(ref.mean(), color="#555555", linestyle="--", linewidth=1,
                    label="reference policy")
@@ -316,112 +246,13 @@ def frontier_section(report: Report) -> str:
     ax.set_ylabel("true reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    ids = ", ".join(points["trial_id"].astype(str).iloc[front])
+    ids = ", ".join(front["trial_id"].astype(str))
     return (f"<figure>{svg(fig)}<figcaption>True reward of what each finished policy "
             f"generates against its KL to the reference (the DPO paper's frontier); on the "
             f"front: {esc(ids)}.</figcaption></figure>")
 
 
 # --- parameter importances ----------------------------------------------------------------
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
-def distributions_of(frame: pd.DataFrame, columns: list[str]) -> dict:
-    """An Optuna distribution per column, from the values observed: floats -> Float (log when
-    all positive and spanning more than two decades), ints -> Int, anything else ->
-    Categorical (missing strings are the choice None)."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    out = {}
-    for column in columns:
-        series = frame[column]
-        present = series.dropna()
-        if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
-            choices = [None if _missing(v) else (v.item() if hasattr(v, "item") else v)
-                       for v in series.astype(object)]
-            out[column] = CategoricalDistribution(list(dict.fromkeys(choices)))
-        elif present.empty:
-            continue
-        elif pd.api.types.is_integer_dtype(series):
-            out[column] = IntDistribution(int(present.min()), int(present.max()))
-        else:
-            lo, hi = float(present.min()), float(present.max())
-            out[column] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo > 100)
-    return out
-
-
-def target_quantile(n: int) -> float:
-    """PED-ANOVA's "good trials" share: Optuna's default 0.1 when there are 50 trials or more,
-    else enough for five good trials (at most half). With the default 10% of a 16-trial
-    search, PED-ANOVA compares one or two trials with the rest, and a noise parameter can
-    come out first; five good trials rank the parameter that sets the objective first."""
-    return min(0.5, max(0.1, 5 / max(n, 1)))
-
-
-def min_trials_for_importances(searched: int) -> int:
-    """The finished trials below which importances are not shown: max(8, 2 x the searched
-    parameters). PED-ANOVA compares the best quantile with the rest; from two trials it
-    gives 0.5 and 0.5 to two parameters whatever they do."""
-    return max(8, 2 * searched)
-
-
-def importances(report: Report) -> dict[str, float] | str:
-    """Optuna's parameter importances on the finished trials, or the reason there are none.
-    The evaluator is Optuna's default, PED-ANOVA, which (unlike fANOVA) also ranks conditional
-    parameters (a `gamma` only some losses have), with its quantile sized to the search."""
-    ok = finished(report)
-    searched = hyperparameter_columns(report)
-    need = min_trials_for_importances(len(searched))
-    if len(ok) < need:
-        return (f"Parameter importances need at least {need} finished trials (8, or two per "
-                f"searched parameter: {len(searched)} here); this search has {len(ok)}. With "
-                "fewer, one or two trials decide them, and the numbers would look like "
-                "evidence that they are not.")
-    columns = varying(ok, searched)
-    if not columns:
-        return "No hyperparameter varied across the finished trials: nothing to rank."
-    import optuna
-
-    distributions = distributions_of(ok, columns)
-    direction = "minimize" if objective_mode(report) == "min" else "maximize"
-    trials = []
-    for _, row in ok.iterrows():
-        params, dists = {}, {}
-        for column, dist in distributions.items():
-            value = row[column]
-            if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                params[column] = None if _missing(value) else (
-                    value.item() if hasattr(value, "item") else value)
-            elif _missing(value):
-                continue  # a conditional parameter this trial did not have
-            else:
-                is_int = isinstance(dist, optuna.distributions.IntDistribution)
-                params[column] = int(value) if is_int else float(value)
-            dists[column] = dist
-        trials.append(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE,
-                                                value=float(row["objective"]), params=params,
-                                                distributions=dists))
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(direction=direction)
-        study.add_trials(trials)
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator(
-            target_quantile=target_quantile(len(trials)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (ValueError, RuntimeError) as error:
-        return f"Optuna could not compute importances: {error}"
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
 
 def importance_section(report: Report) -> str:
     result = importances(report)
@@ -438,21 +269,21 @@ def importance_section(report: Report) -> str:
     ax.set_xlim(0, max(values) * 1.15 if max(values) > 0 else 1)
     ax.grid(axis="x", alpha=0.3)
     rows = pd.DataFrame({"parameter": list(result), "importance": list(result.values())})
+    n = len(report.finished())
     return (f"<figure>{svg(fig)}<figcaption>How much of the objective's variation each "
             f"searched parameter explains: optuna.importance.get_param_importances "
-            f"(PED-ANOVA, best {target_quantile(len(finished(report))):.0%} of the "
-            f"{len(finished(report))} finished trials against all of them).</figcaption></figure>"
-            + table(rows, "importances"))
+            f"(PED-ANOVA, best {target_quantile(n):.0%} of the {n} finished trials against "
+            f"all of them).</figcaption></figure>" + table(rows, "importances"))
 
 
 # --- tables -------------------------------------------------------------------------------
 
 def best_section(report: Report) -> str:
-    best = ranked(report).head(TOP)
+    best = report.ranked().head(TOP)
     if best.empty:
         return note("No finished trial yet.")
-    params = varying(finished(report), hyperparameter_columns(report)) or [
-        c for c in hyperparameter_columns(report) if c in best][:6]
+    params = report.varied_parameters() or [
+        c for c in report.hyperparameter_columns() if c in best][:6]
     metrics = [m for m in TABLE_METRICS if m in best and m != "objective"]
     shown = best[["trial_id", "objective", *params, *metrics]].copy()
     shown.insert(0, "rank", range(1, len(shown) + 1))
@@ -463,7 +294,7 @@ def failed_section(report: Report) -> str:
     trials = report.trials
     if "status" not in trials:
         return ""
-    failed = _by_number(trials[trials["status"] == "failed"])
+    failed = by_number(trials[trials["status"] == "failed"])
     if failed.empty:
         return ""
     errors = failed.get("error", pd.Series("", index=failed.index)).fillna("").astype(str)
@@ -482,14 +313,14 @@ def summary_section(report: Report) -> str:
              ("report folder", str(report.path)),
              ("objective", objective_label(report)),
              ("trials", f"{len(trials)} ({by_status})")]
-    best = ranked(report)
+    best = report.ranked()
     body = ""
     if best.empty:
         items.append(("best", "no finished trial"))
     else:
         top = best.iloc[0]
         items.append(("best objective", f"{fmt(top['objective'])} (trial {top['trial_id']})"))
-        params = [c for c in hyperparameter_columns(report) if c in top and not _missing(top[c])]
+        params = [c for c in report.hyperparameter_columns() if c in top and not missing(top[c])]
         body = ("<h3>Best trial's hyperparameters</h3>"
                 + table(pd.DataFrame([{c: top[c] for c in params}]), "params"))
     versions = report.meta.get("versions") or {}

@@ -1,6 +1,7 @@
 """Reading a report back: `load(path).trials`, `.steps`, `.selection`, `.confirm` as
-DataFrames, and the queries a person asks of them (`best`, `at_common_step`, `pairs`, `pivot`,
-`pareto`, `confirmation`). Column meanings: raypo.reports.schema.
+DataFrames, and every query asked of them (`best`, `ranked`, `at_common_step`, `pairs`,
+`selected`, `pivot`, `pareto`, `confirmation`, ...): `raypo select`, the HTML page and the
+importances ask these, and compute none of their own. Column meanings: raypo.reports.schema.
 
 Trials the scheduler stopped early (pruned) ran fewer steps than the finished ones, so their
 last values and the finished trials' final values are not comparable. `at_common_step` puts
@@ -53,10 +54,18 @@ class Report:
         return (self.meta.get("confirmation") or {}).get("verdict")
 
     @property
+    def objectives(self) -> list[dict]:
+        """The search's objectives (search.json), each {"metric": ..., "mode": "max" | "min"}
+        (a mode other than min is max); one "objective" to maximise when it names none."""
+        given = self.meta.get("objectives") or [{"metric": "objective", "mode": "max"}]
+        return [{**o, "metric": o.get("metric", "objective"),
+                 "mode": "min" if str(o.get("mode", "max")).lower() == "min" else "max"}
+                for o in given]
+
+    @property
     def objective(self) -> dict:
         """The first objective of the search: {"metric": ..., "mode": "max" | "min"}."""
-        objectives = self.meta.get("objectives") or [{"metric": "objective", "mode": "max"}]
-        return objectives[0]
+        return self.objectives[0]
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -66,6 +75,28 @@ class Report:
             return t
         return t[(t["status"] == "ok") & t["objective"].notna()]
 
+    def finished(self) -> pd.DataFrame:
+        """The finished trials with a numeric objective (as floats), in the order they
+        started (`number`): what a chart over trials and the importances use."""
+        t = self.trials
+        if t.empty or "status" not in t or "objective" not in t:
+            return t.iloc[0:0]
+        ok = self.ok
+        ok = ok[pd.to_numeric(ok["objective"], errors="coerce").notna()].copy()
+        ok["objective"] = ok["objective"].astype(float)
+        return by_number(ok)
+
+    def ranked(self, at_common_step: bool = False) -> pd.DataFrame:
+        """Trials best first in the search's direction, ties in the order they started: the
+        finished ones by their final objective (`finished`), or with `at_common_step` every
+        trial of `at_common_step()` (pruned ones too) by its `value` there (its `.attrs`)."""
+        ascending = self.objective["mode"] == "min"
+        if at_common_step:
+            common = self.at_common_step()
+            return _described_as(common.sort_values("value", ascending=ascending,
+                                                    kind="stable"), common)
+        return self.finished().sort_values("objective", ascending=ascending, kind="stable")
+
     def best(self, metric: str = "objective", mode: str | None = None) -> pd.Series:
         """The best finished trial by `metric` (in the search's direction by default)."""
         ok = self.ok
@@ -74,17 +105,51 @@ class Report:
         mode = mode or self.objective["mode"]
         return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
 
-    def pareto(self) -> pd.DataFrame:
+    def hyperparameter_columns(self) -> list[str]:
+        """The trials table's hyperparameter columns: the searched parameters named in
+        search.json (each is its own column, raypo.reports.schema), else every parameter
+        column of the schema; never the seed, which is noise to average over, not a
+        parameter."""
+        from raypo.reports.schema import NOT_PARAMETERS, is_parameter  # imports the losses
+
+        trials = self.trials
+        named = [p for p in self.meta.get("params") or [] if p in trials.columns
+                 and p not in NOT_PARAMETERS]
+        if named:
+            return named
+        return [c for c in trials.columns if is_parameter(c)]
+
+    def varied_parameters(self) -> list[str]:
+        """The hyperparameter columns that take more than one value (missing counts as a
+        value) over the finished trials."""
+        ok = self.finished()
+        return [c for c in self.hyperparameter_columns() if c in ok
+                and ok[c].astype(object).where(ok[c].notna(), None).map(repr).nunique() > 1]
+
+    def measured(self, metrics: list[str]) -> pd.DataFrame:
+        """The trials that finished (status ok) with a number for every one of `metrics`
+        (whatever their objective), those columns as floats."""
+        t = self.trials
+        if t.empty or "status" not in t:
+            return t.iloc[0:0]
+        done = t[t["status"] == "ok"]
+        values = {m: _numbers(done, m) for m in metrics}
+        has = pd.concat(values, axis=1).notna().all(axis=1) if metrics else done["status"].notna()
+        return done.assign(**values)[has]
+
+    def pareto(self, objectives: list[dict] | None = None) -> pd.DataFrame:
         """The finished trials no other finished trial beats on every objective (a Pareto
-        search's answer; with one objective, the best trial)."""
-        objectives = self.meta.get("objectives") or [self.objective]
-        ok = self.ok.dropna(subset=[o["metric"] for o in objectives])
+        search's answer; with one objective, the best trial), in the trials table's order.
+        `objectives`: [{"metric": ..., "mode": ...}], the search's by default (the page's
+        frontier asks true_reward max, kl min); trials without a number for one are left
+        out (`measured`)."""
+        objectives = objectives or self.objectives
+        done = self.measured([o["metric"] for o in objectives])
         # as maximisation: a trial is dominated by one at least as good on all, better on one
-        values = ok[[o["metric"] for o in objectives]].to_numpy(dtype=float) * [
-            1.0 if o["mode"] == "max" else -1.0 for o in objectives]
-        keep = [not any((other >= row).all() and (other > row).any() for other in values)
-                for row in values]
-        return ok[keep]
+        signs = [-1.0 if str(o.get("mode", "max")).lower() == "min" else 1.0
+                 for o in objectives]
+        values = done[[o["metric"] for o in objectives]].to_numpy(dtype=float) * signs
+        return done[undominated(values)]
 
     def at_common_step(self, metric: str | None = None) -> pd.DataFrame:
         """One row per trial that finished or was pruned, with `metric`'s `value` at the
@@ -163,7 +228,7 @@ class Report:
                               "best": values.min() if ascending else values.max(),
                               "trials": values.size(),
                               "pruned": grouped["pruned"].sum().astype(int)}).reset_index()
-        ranks = self._ranks()
+        ranks = self._selection_ranks()
         table["predicted_rank"] = [ranks.get((k, d)) for k, d in
                                    zip(table["kernel"], table["divergence"], strict=True)]
         table["predicted_rank"] = table["predicted_rank"].astype(float)
@@ -172,8 +237,38 @@ class Report:
         return _described_as(table[columns], common)
 
     def selected(self, top: int = 1) -> pd.DataFrame:
-        """The chosen kernel-divergence pair(s): the best `top` rows of `pairs()`."""
-        return self.pairs().head(top)
+        """The chosen kernel-divergence pair(s), what `raypo select` shows: the best `top`
+        rows of `pairs()`; `.attrs` is pairs()'s and `tried`, how many pairs were tried."""
+        pairs = self.pairs()
+        chosen = pairs.head(top)
+        chosen.attrs = {**pairs.attrs, "tried": len(pairs)}
+        return chosen
+
+    def predicted_ranks(self) -> dict[tuple[str, str], float]:
+        """The selection rule's predicted rank (1 = tried first) of each (kernel, divergence)
+        pair, a missing divergence "none": every pair selection.parquet ranks, tried or not;
+        without it, the rank the first of a pair's kernel trials at the common step carries
+        (NaN where none does; {} when the trials have no predicted_rank). `pairs()` gives
+        selection.parquet's only."""
+        ranks = self._selection_ranks()
+        if ranks:
+            return ranks
+        t = self.at_common_step()
+        if "kernel" not in t or "predicted_rank" not in t:
+            return {}
+        t = t[t["kernel"].notna()]
+        cells = pd.DataFrame({
+            "kernel": t["kernel"].map(_label),
+            "divergence": t.get("divergence", pd.Series(None, index=t.index, dtype=object))
+            .map(_label), "rank": _numbers(t, "predicted_rank")})
+        return dict(cells.groupby(["kernel", "divergence"])["rank"].first().items())
+
+    def _selection_ranks(self) -> dict[tuple[str, str], float]:
+        s = self.selection
+        if s.empty or not {"kernel", "divergence", "predicted_rank"} <= set(s.columns):
+            return {}
+        return {(_label(k), _label(d)): r for k, d, r in
+                zip(s["kernel"], s["divergence"], s["predicted_rank"], strict=True)}
 
     def pivot(self, metric: str = "objective", aggfunc: str = "mean") -> pd.DataFrame:
         """Kernel x divergence table of `metric` over the kernel trials at the common step
@@ -185,19 +280,44 @@ class Report:
         return t.pivot_table(index="kernel", columns="divergence", values="value",
                              aggfunc=aggfunc)
 
-    def _ranks(self) -> dict:
-        s = self.selection
-        if s.empty or "predicted_rank" not in s:
-            return {}
-        return {(k, d): r for k, d, r in zip(s["kernel"], s["divergence"], s["predicted_rank"],
-                                             strict=True)}
-
 
 def _numbers(frame: pd.DataFrame, column: str) -> pd.Series:
     """`column` as floats (NaN where missing or not a number; all NaN without the column)."""
     if column not in frame:
         return pd.Series(np.nan, index=frame.index, dtype=float)
     return pd.to_numeric(frame[column], errors="coerce").astype(float)
+
+
+def _label(value) -> str:
+    """A kernel or divergence name as a cell label: "none" where missing."""
+    return "none" if value is None or (isinstance(value, float) and np.isnan(value)) \
+        else str(value)
+
+
+def by_number(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame`'s trials in the order they started (`number`), when every row has one."""
+    if "number" in frame and frame["number"].notna().all():
+        return frame.sort_values("number", kind="stable")
+    return frame
+
+
+def undominated(values) -> np.ndarray:
+    """Which rows of `values` (one column per objective, larger is better) no other row
+    beats: at least as good on every column and better on one. The one Pareto test:
+    Report.pareto and pareto_front use it."""
+    values = np.asarray(values, dtype=float)
+    keep = np.ones(len(values), dtype=bool)
+    for i, row in enumerate(values):
+        keep[i] = not ((values >= row).all(axis=1) & (values > row).any(axis=1)).any()
+    return keep
+
+
+def pareto_front(kl, reward) -> np.ndarray:
+    """Indices of the points no other point beats on both (lower KL, higher true reward),
+    ordered by KL (the page's frontier, as Report.pareto finds it for trials)."""
+    kl, reward = np.asarray(kl, dtype=float), np.asarray(reward, dtype=float)
+    order = np.lexsort((-reward, kl))
+    return order[undominated(np.column_stack([-kl, reward]))[order]].astype(int)
 
 
 def _evaluations(steps: pd.DataFrame, metric: str, trial_ids) -> pd.DataFrame:

@@ -127,45 +127,9 @@ def _parse_param(path: tuple, node: dict, where: str) -> Param | None:
     keys = set(node)
     name = ".".join(map(str, path))
     if "choice" in keys:
-        if not keys <= CHOICE_KEYS:
-            raise SpaceError(f"{where}: {name}: a choice takes only `choice` and `when`, "
-                             f"not {', '.join(sorted(keys - CHOICE_KEYS))}")
-        choices = node["choice"]
-        if not isinstance(choices, list) or not choices:
-            raise SpaceError(f"{where}: {name}.choice: expected a non-empty list of values")
-        if any(isinstance(c, dict | list) for c in choices):
-            raise SpaceError(f"{where}: {name}.choice: choices must be plain values "
-                             "(strings, numbers, true/false, null); use `when:` on the "
-                             "parameters that belong to one choice")
-        if len(set(map(repr, choices))) != len(choices):
-            raise SpaceError(f"{where}: {name}.choice: repeated values")
-        return Param(path, "choice", choices=list(choices))
+        return _choice(path, node, f"{where}: {name}")
     if "low" in keys or "high" in keys:
-        if not keys <= RANGE_KEYS or not {"low", "high"} <= keys:
-            extra = ", ".join(sorted(keys - RANGE_KEYS)) or "low and high both"
-            raise SpaceError(f"{where}: {name}: a range takes low, high, log, step, type, "
-                             f"when (problem: {extra})")
-        low, high = node["low"], node["high"]
-        if not (_is_number(low) and _is_number(high)):
-            raise SpaceError(f"{where}: {name}: low and high must be numbers, got "
-                             f"{low!r} and {high!r}")
-        kind = node.get("type") or ("int" if isinstance(low, int) and isinstance(high, int)
-                                    else "float")
-        if kind not in ("int", "float"):
-            raise SpaceError(f"{where}: {name}.type: expected int or float, got {kind!r}")
-        if not low < high:
-            raise SpaceError(f"{where}: {name}: low ({low}) must be smaller than high ({high})")
-        log = node.get("log", False)
-        if not isinstance(log, bool):
-            raise SpaceError(f"{where}: {name}.log: expected true or false")
-        if log and low <= 0:
-            raise SpaceError(f"{where}: {name}: a log range needs low > 0, got {low}")
-        step = node.get("step")
-        if step is not None and (not _is_number(step) or step <= 0):
-            raise SpaceError(f"{where}: {name}.step: expected a positive number")
-        if step is not None and log:
-            raise SpaceError(f"{where}: {name}: step and log cannot be combined (Optuna)")
-        return Param(path, kind, low=low, high=high, log=log, step=step)
+        return _range(path, node, f"{where}: {name}")
     if "value" in keys and "when" in keys:
         if not keys <= VALUE_KEYS:
             raise SpaceError(f"{where}: {name}: a conditional value takes only `value` and "
@@ -175,6 +139,53 @@ def _parse_param(path: tuple, node: dict, where: str) -> Param | None:
         raise SpaceError(f"{where}: {name}: `when` needs a value, a range or a choice beside "
                          "it (e.g. {choice: [...], when: {...}})")
     return None
+
+
+def _choice(path: tuple, node: dict, at: str) -> Param:
+    """`{choice: [...], when: ...}`; `at` is "<file>: <key>" for messages."""
+    keys = set(node)
+    if not keys <= CHOICE_KEYS:
+        raise SpaceError(f"{at}: a choice takes only `choice` and `when`, "
+                         f"not {', '.join(sorted(keys - CHOICE_KEYS))}")
+    choices = node["choice"]
+    if not isinstance(choices, list) or not choices:
+        raise SpaceError(f"{at}.choice: expected a non-empty list of values")
+    if any(isinstance(c, dict | list) for c in choices):
+        raise SpaceError(f"{at}.choice: choices must be plain values "
+                         "(strings, numbers, true/false, null); use `when:` on the "
+                         "parameters that belong to one choice")
+    if len(set(map(repr, choices))) != len(choices):
+        raise SpaceError(f"{at}.choice: repeated values")
+    return Param(path, "choice", choices=list(choices))
+
+
+def _range(path: tuple, node: dict, at: str) -> Param:
+    """`{low:, high:, log:, step:, type:, when:}`; `at` is "<file>: <key>" for messages."""
+    keys = set(node)
+    if not keys <= RANGE_KEYS or not {"low", "high"} <= keys:
+        extra = ", ".join(sorted(keys - RANGE_KEYS)) or "low and high both"
+        raise SpaceError(f"{at}: a range takes low, high, log, step, type, "
+                         f"when (problem: {extra})")
+    low, high = node["low"], node["high"]
+    if not (_is_number(low) and _is_number(high)):
+        raise SpaceError(f"{at}: low and high must be numbers, got {low!r} and {high!r}")
+    kind = node.get("type") or ("int" if isinstance(low, int) and isinstance(high, int)
+                                else "float")
+    if kind not in ("int", "float"):
+        raise SpaceError(f"{at}.type: expected int or float, got {kind!r}")
+    if not low < high:
+        raise SpaceError(f"{at}: low ({low}) must be smaller than high ({high})")
+    log = node.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(f"{at}.log: expected true or false")
+    if log and low <= 0:
+        raise SpaceError(f"{at}: a log range needs low > 0, got {low}")
+    step = node.get("step")
+    if step is not None and (not _is_number(step) or step <= 0):
+        raise SpaceError(f"{at}.step: expected a positive number")
+    if step is not None and log:
+        raise SpaceError(f"{at}: step and log cannot be combined (Optuna)")
+    return Param(path, kind, low=low, high=high, log=log, step=step)
 
 
 def _walk(tree: dict, path: tuple, where: str, params: list[Param],
@@ -322,29 +333,28 @@ def _split_by_loss(params: list[Param], fixed: dict, where: str) -> list[Param]:
                 q.when.append(Condition(loss_param.name, group, LOSS_NAME, searched=True))
             split[p.path].append(q)
             out.append(q)
-    # conditions on a searched parameter point to its Param for the same losses; a Param
-    # whose condition names a parameter none of its losses has can never exist: dropped
-    kept = []
-    for q in out:
-        reachable = True
-        for i, c in enumerate(q.when):
-            if not c.searched:
-                continue
-            targets = split[c.path]
-            match = [t for t in targets if not t.losses or set(q.losses or t.losses)
-                     <= set(t.losses)]
-            if not match and q.losses and not any(set(q.losses) & set(t.losses)
-                                                  for t in targets):
-                reachable = False
-                break
-            if len(match) != 1:
-                raise SpaceError(f"{where}: {q.dotted}.when: {c.target} is searched "
-                                 f"separately for each loss; give {q.dotted} a "
-                                 "`when: {name: ...}` with one loss")
-            q.when[i] = Condition(match[0].name, c.allowed, c.path, searched=True)
-        if reachable:
-            kept.append(q)
-    return kept
+    return [q for q in out if _repoint(q, split, where)]
+
+
+def _repoint(q: Param, split: dict[tuple, list[Param]], where: str) -> bool:
+    """Point `q`'s conditions on a searched parameter to that parameter's Param for the same
+    losses; False when a condition names a parameter none of `q`'s losses has (`q` can never
+    exist and is dropped)."""
+    for i, c in enumerate(q.when):
+        if not c.searched:
+            continue
+        targets = split[c.path]
+        match = [t for t in targets if not t.losses or set(q.losses or t.losses)
+                 <= set(t.losses)]
+        if not match and q.losses and not any(set(q.losses) & set(t.losses)
+                                              for t in targets):
+            return False
+        if len(match) != 1:
+            raise SpaceError(f"{where}: {q.dotted}.when: {c.target} is searched "
+                             f"separately for each loss; give {q.dotted} a "
+                             "`when: {name: ...}` with one loss")
+        q.when[i] = Condition(match[0].name, c.allowed, c.path, searched=True)
+    return True
 
 
 def _order(params: list[Param], where: str) -> list[Param]:

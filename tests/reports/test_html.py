@@ -14,15 +14,12 @@ from typer.testing import CliRunner
 
 import raypo.reports as reports
 from raypo.cli import app
-from raypo.reports.html import (
-    hyperparameter_columns,
-    importances,
-    min_trials_for_importances,
-    pareto_front,
-    render_html,
-    write_html,
-)
+from raypo.reports.html import render_html, write_html
+from raypo.reports.importances import importances, min_trials_for_importances
+from raypo.reports.tables import Report, pareto_front
 from raypo.reports.writer import write_parquet_atomic
+
+hyperparameter_columns = Report.hyperparameter_columns
 
 KERNELS = ("rbf", "polynomial")
 DIVERGENCES = ("kl", "js")
