@@ -282,38 +282,13 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
                               log=log, interrupts=own)
     tracking.check_packages(space.settings.tracking)  # a missing tracker's package: now
     root = location(reports)
-    directory = (root / space.name).resolve()  # a RemotePath resolves to itself
+    directory = _report_folder(space, root, resume)
     experiment = directory / "tune"
-    tuning.use_cache_storage(root)  # caches computed here go to the storage for every node
-    if resume and not tuning.can_restore(experiment):
-        raise SpaceError(f"{directory}: no interrupted search to resume there")
-    if not resume and (directory / "trials.parquet").exists():
-        raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
-                         "continue it or --name to start another")
     trackers = tracking.callbacks(space, directory)  # MLflow, W&B, TensorBoard
     started = time.time()
     log(f"search {space.name}: {space.settings.budget.trials} trials, "
         f"{len(space.params)} searched parameters, report in {directory}")
-    gpus = space.settings.resources.gpus
-    if gpus:
-        # the memory plan before any trial and any cache: against the declared GPU before
-        # Ray starts, or a live one's (raypo.search.checks)
-        declared = space.settings.resources.gpu_memory_gb
-        if declared is not None:
-            check_memory(space, declared * GB, f"resources.gpu_memory_gb: {declared:g}", log)
-        _start_cluster(space, address, root, directory, log)
-        if declared is None:
-            check_live_memory(space, log)
-        ranks = _remote_shared_work(space, directory, log)
-    else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
-        ranks = shared_work(space, directory, log)
-        _start_cluster(space, address, root, directory, log)
-    import ray
-
-    resources = ray.cluster_resources()
-    if space.settings.resources.workers > 1 and "TRAIN_DRIVER" not in resources:
-        raise SpaceError(f"{space.source}: resources.workers > 1 needs a TRAIN_DRIVER "
-                         "resource on the cluster (see cluster.yaml)")
+    ranks, resources = _before_trials(space, address, root, directory, log)
     extra = {"address": address or "local", "cluster_resources": resources,
              "cache": str(cache_root().resolve()), "storage": str(directory),
              "resume": resume_command(space, reports, address)}
@@ -328,15 +303,7 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         tuner = _tuner(space, trainable, recorder, directory, ranks, trackers)
     with interrupts.tuning():  # Ctrl-C, SIGTERM: Tune saves its state and returns
         results = tuner.fit()
-    # a full disk, a folder gone read-only, a node that cannot reach the storage: the
-    # recorder (Tune's copy of it, after a resume) stopped the fit like Ctrl-C
-    error = interrupts.failure
-    if isinstance(error, StorageUnreachable):
-        raise error
-    if error is not None:
-        raise ReportWriteError(f"{error}; the search stopped; the tables on disk hold the "
-                               f"{len(recorder.writer.trials)} trials recorded before; free "
-                               f"space, then continue with: {extra['resume']}", error.errno)
+    _raise_failure(interrupts.failure, recorder, extra["resume"])
     _reconcile(results, recorder, interrupted=interrupts.signum is not None)
     forget_missing(recorder.writer)  # rows of models a killed driver removed (resume)
     # interrupted, or the time limit: say so, and how to go on
@@ -356,6 +323,55 @@ def run_search(space: SearchSpace, *, reports: str | Path = "reports", address: 
         log(f"{done} of {planned_trials(space)} trials ended; continue with: "
             f"{extra['resume']}")
     return directory, status == "finished"
+
+
+def _report_folder(space: SearchSpace, root, resume: bool):
+    """The search's folder under `root`: one an interrupted search left (`resume`), or one
+    without results; SpaceError otherwise. Caches computed from here on go to its storage."""
+    directory = (root / space.name).resolve()  # a RemotePath resolves to itself
+    tuning.use_cache_storage(root)  # caches computed here go to the storage for every node
+    if resume and not tuning.can_restore(directory / "tune"):
+        raise SpaceError(f"{directory}: no interrupted search to resume there")
+    if not resume and (directory / "trials.parquet").exists():
+        raise SpaceError(f"{directory}: a search of this name has results; pass --resume to "
+                         "continue it or --name to start another")
+    return directory
+
+
+def _before_trials(space: SearchSpace, address, root, directory, log) -> tuple[dict, dict]:
+    """(ranks, the cluster's resources): the memory plan, the shared caches and the selection
+    evidence, and Ray (a local instance or the cluster at `address`)."""
+    if space.settings.resources.gpus:
+        # the memory plan before any trial and any cache: against the declared GPU before
+        # Ray starts, or a live one's (raypo.search.checks)
+        declared = space.settings.resources.gpu_memory_gb
+        if declared is not None:
+            check_memory(space, declared * GB, f"resources.gpu_memory_gb: {declared:g}", log)
+        _start_cluster(space, address, root, directory, log)
+        if declared is None:
+            check_live_memory(space, log)
+        ranks = _remote_shared_work(space, directory, log)
+    else:  # before Ray: bad data or model paths fail here, in seconds, with nothing written
+        ranks = shared_work(space, directory, log)
+        _start_cluster(space, address, root, directory, log)
+    import ray
+
+    resources = ray.cluster_resources()
+    if space.settings.resources.workers > 1 and "TRAIN_DRIVER" not in resources:
+        raise SpaceError(f"{space.source}: resources.workers > 1 needs a TRAIN_DRIVER "
+                         "resource on the cluster (see cluster.yaml)")
+    return ranks, resources
+
+
+def _raise_failure(error, recorder: ReportRecorder, resume: str) -> None:
+    """A full disk, a folder gone read-only, a node that cannot reach the storage: the
+    recorder (Tune's copy of it, after a resume) stopped the fit like Ctrl-C; say so."""
+    if isinstance(error, StorageUnreachable):
+        raise error
+    if error is not None:
+        raise ReportWriteError(f"{error}; the search stopped; the tables on disk hold the "
+                               f"{len(recorder.writer.trials)} trials recorded before; free "
+                               f"space, then continue with: {resume}", error.errno)
 
 
 def tune_trainable(space: SearchSpace, directory):
