@@ -4,8 +4,9 @@ Before (commit c8e8d6c, `--before`) the training forward materialised the output
 at every response position (rows x positions x vocabulary, float32) and took the log-softmax
 over them; after (the working tree, `--after`), `raypo.train.forward.token_outputs` applies
 the head to the real response tokens only, `logits_chunk` tokens at a time, recomputed in the
-backward (for `loss: dpo` through `_LinearLogProbs`, by vocabulary blocks). This script runs
-both on the same models and data, in one run, so the ratios compare like with like.
+backward (for `loss: dpo` through `raypo.train.chunked_head.LinearLogProbs`, by vocabulary
+blocks). This script runs both on the same models and data, in one run, so the ratios compare
+like with like.
 
 The code. Each version's `raypo/` package is exported to a temporary folder: the before
 commit with `git archive`, the working tree copied as it is when the script starts (others may

@@ -20,9 +20,9 @@ in the backward pass, so at most one chunk's vocabulary-sized tensors are alive 
 (what Liger's fused linear cross-entropy does in Triton, here in plain PyTorch for any
 device). Three paths, by what is read and what the head is:
 - a plain linear head and only log-probs (dpo and most losses; WPO's log sum p^2 too):
-  `_LinearLogProbs`, which takes the vocabulary in blocks as well and writes the logits'
-  gradient in place, one buffer of chunk x block in all;
-- a plain linear head and token terms: `_LinearInChunks`, autograd on each recomputed chunk
+  `LinearLogProbs` (raypo.train.chunked_head), which takes the vocabulary in blocks as well
+  and writes the logits' gradient in place, one buffer of chunk x block in all;
+- a plain linear head and token terms: `LinearInChunks`, autograd on each recomputed chunk
   and the head's weight gradient accumulated in one buffer;
 - any other head (LoRA on the head): a non-reentrant checkpoint per chunk.
 
@@ -43,7 +43,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,6 +53,7 @@ from raypo.losses.batch import (
     TokenTerm,
     TopKLogits,
 )
+from raypo.train.chunked_head import LinearInChunks, LinearLogProbs
 
 TOKEN_LOGP_FIELDS = frozenset({
     "policy_chosen_token_logps", "policy_rejected_token_logps",
@@ -126,66 +126,15 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
     at the same targets, a flat (N, k) TopKLogits or (N, V) tensor, or a LiveReference.
     `hidden_only`: keep the last hidden states at the targets and compute no logits (a
     reference's run for a LiveReference). `model_kwargs` go to the model's forward."""
-    terms = terms or {}
     head = output_head(model)
     width = input_ids.shape[1]
-    extras: dict = {}
-
-    def chunk_values(logits: Tensor, part: slice, first_run: bool) -> Tensor:
-        """(chunk, 1 + len(terms)): the targets' log-probs and the terms, from float32
-        logits; the extras only on a chunk's first run (not when the backward recomputes)."""
-        log_normalizer = torch.logsumexp(logits, -1)
-        labels = targets[part]
-        values = [logits.gather(-1, labels[:, None])[:, 0] - log_normalizer]
-        if terms:
-            ref = None if reference is None else reference.take(part)
-            ones = torch.ones_like(labels, dtype=logits.dtype)
-            values += [term(logits, ref, labels, ones).to(logits.dtype)
-                       for term in terms.values()]
-        if first_run:
-            with torch.no_grad():
-                if log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
-                    extras.setdefault("log_sum_sq", []).append(
-                        torch.logsumexp(2 * logits, -1) - 2 * log_normalizer)
-                if topk is not None:
-                    extras.setdefault("topk", []).append(TopKLogits.from_logits(logits, topk))
-        return torch.stack(values, -1)
-
-    def checkpointed(h: Tensor) -> Tensor:
-        """Any head (a LoRA-wrapped one too): each chunk a non-reentrant checkpoint."""
-        runs: set[int] = set()
-
-        def run(h_part, start):
-            first = start not in runs
-            runs.add(start)
-            return chunk_values(project(h_part).float(), slice(start, start + chunk), first)
-
-        return torch.cat([checkpoint(run, h[start:start + chunk], start, use_reentrant=False)
-                          for start in range(0, h.shape[0], chunk)])
-
-    def chunked(hidden: Tensor) -> Tensor:
-        # a model may pass only its last columns (logits_to_keep) or all of them
-        h = hidden[rows, cols - (width - hidden.shape[1])]  # (N, H)
-        if hidden_only:
-            return h
-        if not h.shape[0]:
-            return h.new_zeros(0, 1 + len(terms))
-        if type(head) is nn.Linear and not terms and topk is None:
-            return _LinearLogProbs.apply(h, head.weight, head.bias, targets, chunk,
-                                         log_sum_sq, extras)[:, None]
-        if not torch.is_grad_enabled():
-            return torch.cat([chunk_values(project(h[start:start + chunk]).float(),
-                                           slice(start, start + chunk), True)
-                              for start in range(0, h.shape[0], chunk)])
-        if type(head) is nn.Linear:
-            return _LinearInChunks.apply(h, head.weight, head.bias, chunk, chunk_values)
-        return checkpointed(h)
-
-    project = head.forward  # the head's own forward, bound before it is replaced
+    chunks = _Chunks(head, targets, chunk, terms or {}, reference, log_sum_sq, topk)
     result = {}
 
     def replaced(hidden):
-        result["out"] = chunked(hidden)
+        # a model may pass only its last columns (logits_to_keep) or all of them
+        h = hidden[rows, cols - (width - hidden.shape[1])]  # (N, H)
+        result["out"] = h if hidden_only else chunks(h)
         return result["out"]
 
     keep = width - int(cols.min()) if len(cols) else 1
@@ -199,181 +148,81 @@ def token_outputs(model, input_ids: Tensor, rows: Tensor, cols: Tensor, targets:
     packed = result["out"]
     if hidden_only:
         return TokenOutputs(logps=packed.new_zeros(0), hidden=packed, model_output=out)
-    outputs = TokenOutputs(logps=packed[:, 0], model_output=out,
-                           terms={name: packed[:, 1 + k] for k, name in enumerate(terms)})
-    if "log_sum_sq" in extras:
-        outputs.log_sum_sq = torch.cat(extras["log_sum_sq"])
-    if "topk" in extras:
-        outputs.topk = TopKLogits.cat(extras["topk"])
-    return outputs
+    return chunks.outputs(packed, out)
 
 
-# On the CPU the vocabulary is taken in blocks of about this many logits per chunk (16 MB of
-# float32, which stays in cache across the in-place passes over it); on a GPU, where cache
-# gains little and every block is more kernel launches, in one block
-CPU_BLOCK_ELEMENTS = 1 << 22
+class _Chunks:
+    """The output head applied to the targets' hidden states `chunk` at a time, keeping what
+    is read (module docstring): `chunks(h)` is (N, 1 + len(terms)), the log-probs and the
+    terms; `outputs` packs them, with the extras the first runs kept (WPO's log sum p^2, the
+    top-k logits)."""
 
+    def __init__(self, head: nn.Module, targets: Tensor, chunk: int,
+                 terms: dict[str, TokenTerm], reference, log_sum_sq: bool, topk: int | None):
+        self.head, self.project = head, head.forward  # its own forward, before it is replaced
+        self.targets, self.chunk, self.terms, self.reference = targets, chunk, terms, reference
+        self.log_sum_sq, self.topk = log_sum_sq, topk
+        self.extras: dict = {}
 
-def vocab_block(chunk: int, vocab: int, device_type: str) -> int:
-    """The vocabulary block of `_LinearLogProbs` for chunks of `chunk` tokens."""
-    if device_type != "cpu":
-        return vocab
-    return min(vocab, max(1024, CPU_BLOCK_ELEMENTS // max(chunk, 1)))
+    def values(self, logits: Tensor, part: slice, first_run: bool) -> Tensor:
+        """(chunk, 1 + len(terms)): the targets' log-probs and the terms, from float32
+        logits; the extras only on a chunk's first run (not when the backward recomputes)."""
+        log_normalizer = torch.logsumexp(logits, -1)
+        labels = self.targets[part]
+        values = [logits.gather(-1, labels[:, None])[:, 0] - log_normalizer]
+        if self.terms:
+            ref = None if self.reference is None else self.reference.take(part)
+            ones = torch.ones_like(labels, dtype=logits.dtype)
+            values += [term(logits, ref, labels, ones).to(logits.dtype)
+                       for term in self.terms.values()]
+        if first_run:
+            with torch.no_grad():
+                if self.log_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+                    self.extras.setdefault("log_sum_sq", []).append(
+                        torch.logsumexp(2 * logits, -1) - 2 * log_normalizer)
+                if self.topk is not None:
+                    self.extras.setdefault("topk", []).append(
+                        TopKLogits.from_logits(logits, self.topk))
+        return torch.stack(values, -1)
 
+    def __call__(self, h: Tensor) -> Tensor:
+        head, chunk = self.head, self.chunk
+        if not h.shape[0]:
+            return h.new_zeros(0, 1 + len(self.terms))
+        if type(head) is nn.Linear and not self.terms and self.topk is None:
+            return LinearLogProbs.apply(h, head.weight, head.bias, self.targets, chunk,
+                                        self.log_sum_sq, self.extras)[:, None]
+        if not torch.is_grad_enabled():
+            return torch.cat([self.values(self.project(h[start:start + chunk]).float(),
+                                          slice(start, start + chunk), True)
+                              for start in range(0, h.shape[0], chunk)])
+        if type(head) is nn.Linear:
+            return LinearInChunks.apply(h, head.weight, head.bias, chunk, self.values)
+        return self.checkpointed(h)
 
-class _BlockLogits:
-    """h W_b^T + b_b in float32 for one vocabulary block W_b = W[v:v + block] at a time; on
-    the CPU float32 weights' go into one buffer reused from block to block (a fresh tensor
-    per block would be fresh pages, each faulted and zeroed by the kernel). A GPU's caching
-    allocator reuses memory itself, and there a plain F.linear keeps float16 autocast's
-    casts (an out= product is not autocast)."""
+    def checkpointed(self, h: Tensor) -> Tensor:
+        """Any head (a LoRA-wrapped one too): each chunk a non-reentrant checkpoint."""
+        runs: set[int] = set()
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, block: int):
-        self.weight, self.bias, self.block = weight, bias, block
-        self.buffer = (weight.new_empty(rows, block)
-                       if weight.dtype == torch.float32 and weight.device.type == "cpu"
-                       else None)
+        def run(h_part, start):
+            first = start not in runs
+            runs.add(start)
+            return self.values(self.project(h_part).float(),
+                               slice(start, start + self.chunk), first)
 
-    def __call__(self, h: Tensor, v: int) -> Tensor:
-        w = self.weight[v:v + self.block]
-        bias = None if self.bias is None else self.bias[v:v + self.block]
-        if self.buffer is None or h.dtype != torch.float32:
-            return F.linear(h, w, bias).float()
-        z = self.buffer[:h.shape[0], :w.shape[0]]
-        torch.matmul(h, w.t(), out=z)
-        return z if bias is None else z.add_(bias)
+        return torch.cat([checkpoint(run, h[start:start + self.chunk], start,
+                                     use_reentrant=False)
+                          for start in range(0, h.shape[0], self.chunk)])
 
-
-def _in_block(targets: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
-    """Which targets fall in the vocabulary block [start, start + width), and each target's
-    column in the block (clamped into it where it falls outside: read only where inside)."""
-    inside = (targets >= start) & (targets < start + width)
-    return inside, (targets - start).clamp(0, width - 1)[:, None]
-
-
-class _LinearLogProbs(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] for a plain linear head and a loss that reads only the
-    targets' log-probs (no token terms), `chunk` rows by one vocabulary block (`vocab_block`)
-    at a time. The log normaliser is accumulated over the blocks (a running maximum and sum,
-    as flash attention does); the gradient of a block's logits, g (onehot(target) - softmax),
-    is made in place in the block's one buffer, where autograd through logsumexp and gather
-    makes four or five chunk x vocabulary tensors. The backward recomputes each block's
-    logits. A frozen head (LoRA elsewhere) needs no recompute: the forward keeps
-    E_p[W] = softmax @ W (N x H), and the gradient of h is g (W[target] - E_p[W]).
-    `log_sum_sq`: WPO's log sum p^2, appended to out["log_sum_sq"] per chunk, no gradient."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk, log_sum_sq, out):
-        n, vocab = h.shape[0], weight.shape[0]
-        block = vocab_block(chunk, vocab, h.device.type)
-        logits = _BlockLogits(weight, bias, min(chunk, n), block)
-        logps = h.new_empty(n, dtype=torch.float32)
-        log_normalizer = torch.empty_like(logps)
-        frozen = (h.requires_grad and not weight.requires_grad
-                  and (bias is None or not bias.requires_grad))
-        expected = h.new_empty(n, h.shape[1], dtype=torch.float32) if frozen else None
-        for i in range(0, n, chunk):
-            h_part, t = h[i:i + chunk], targets[i:i + chunk]
-            top = h_part.new_full((len(t),), -torch.inf, dtype=torch.float32)
-            total, squares, target_logit = (torch.zeros_like(top) for _ in range(3))
-            acc = torch.zeros_like(expected[i:i + chunk]) if frozen else None
-            for v in range(0, vocab, block):
-                z = logits(h_part, v)
-                inside, at = _in_block(t, v, z.shape[1])
-                target_logit = torch.where(inside, z.gather(1, at)[:, 0], target_logit)
-                new_top = torch.maximum(top, z.amax(1))
-                rescale = (top - new_top).exp()  # 0 on the first block (top = -inf)
-                top = new_top
-                unnormalized = z.sub_(top[:, None]).exp_()  # in (0, 1]: no overflow
-                total = total * rescale + unnormalized.sum(1)
-                if log_sum_sq:
-                    squares = (squares * rescale.square()
-                               + torch.linalg.vector_norm(unnormalized, dim=1).square())
-                if frozen:
-                    acc = acc * rescale[:, None] + (
-                        unnormalized.to(weight.dtype) @ weight[v:v + block]).float()
-                del z, unnormalized  # freed before the next block's logits are made
-            log_normalizer[i:i + chunk] = top + total.log()
-            logps[i:i + chunk] = target_logit - log_normalizer[i:i + chunk]
-            if log_sum_sq:  # log sum p^2 = log sum exp(2 (z - max)) - 2 log sum exp(z - max)
-                out.setdefault("log_sum_sq", []).append(squares.log() - 2 * total.log())
-            if frozen:
-                expected[i:i + chunk] = acc / total[:, None]
-        ctx.save_for_backward(h, weight, bias, targets, log_normalizer, expected)
-        ctx.chunk = chunk
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        h, weight, bias, targets, log_normalizer, expected = ctx.saved_tensors
-        if expected is not None:  # frozen head: no logits to recompute
-            grad_h = grad_logps[:, None] * (weight[targets].float() - expected)
-            return grad_h.to(h.dtype), None, None, None, None, None, None
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, vocab, chunk = h.shape[0], weight.shape[0], ctx.chunk
-        block = vocab_block(chunk, vocab, h.device.type)
-        logits = _BlockLogits(weight, bias, min(chunk, n), block)
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
-        for i in range(0, n, chunk):
-            h_part, t = h[i:i + chunk], targets[i:i + chunk]
-            g, lse = grad_logps[i:i + chunk, None], log_normalizer[i:i + chunk, None]
-            for v in range(0, vocab, block):
-                z = logits(h_part, v)
-                grad_z = z.sub_(lse).exp_().mul_(-g)  # -g softmax
-                inside, at = _in_block(t, v, z.shape[1])
-                grad_z.scatter_add_(1, at, g * inside[:, None])  # + g onehot(target)
-                grad_z = grad_z.to(weight.dtype)
-                if need_h:
-                    grad_h[i:i + chunk].addmm_(grad_z, weight[v:v + block])
-                if need_w:
-                    grad_w[v:v + block].addmm_(grad_z.t(), h_part)
-                if need_b:
-                    grad_b[v:v + block] += grad_z.sum(0)
-                del z, grad_z  # freed before the next block's logits are made
-        return grad_h, grad_w, grad_b, None, None, None, None
-
-
-class _LinearInChunks(torch.autograd.Function):
-    """values(h W^T + b) a chunk of rows at a time, for a plain linear head: the forward keeps
-    no logits; the backward recomputes each chunk's, takes the gradient of `values` with
-    respect to them (autograd, whatever the terms are), and adds the chunk's share of the
-    weight's gradient into one buffer (addmm_). Checkpointing each chunk instead would hand
-    autograd one vocabulary x hidden weight gradient per chunk to sum: twice the head's
-    gradient memory at the backward's peak. The terms may hold no trainable parameters of
-    their own (none does: their gradient would not be taken here)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, chunk, values):
-        ctx.save_for_backward(h, weight, bias)
-        ctx.chunk, ctx.values = chunk, values
-        with torch.no_grad():
-            return torch.cat([values(F.linear(h[i:i + chunk], weight, bias).float(),
-                                     slice(i, i + chunk), True)
-                              for i in range(0, h.shape[0], chunk)])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, weight, bias = ctx.saved_tensors
-        chunk = ctx.chunk
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        for i in range(0, h.shape[0], chunk):
-            h_part = h[i:i + chunk]
-            with torch.enable_grad():
-                z = F.linear(h_part, weight, bias).detach().requires_grad_()
-                out = ctx.values(z.float(), slice(i, i + chunk), False)
-                (grad_z,) = torch.autograd.grad(out, z, grad_out[i:i + chunk])
-            if grad_h is not None:
-                grad_h[i:i + chunk] = grad_z @ weight
-            if grad_w is not None:
-                grad_w.addmm_(grad_z.t(), h_part)
-            if grad_b is not None:
-                grad_b += grad_z.sum(0)
-            del z, out, grad_z  # freed before the next chunk's logits are made
-        return grad_h, grad_w, grad_b, None, None
+    def outputs(self, packed: Tensor, model_output) -> TokenOutputs:
+        outputs = TokenOutputs(logps=packed[:, 0], model_output=model_output,
+                               terms={name: packed[:, 1 + k]
+                                      for k, name in enumerate(self.terms)})
+        if "log_sum_sq" in self.extras:
+            outputs.log_sum_sq = torch.cat(self.extras["log_sum_sq"])
+        if "topk" in self.extras:
+            outputs.topk = TopKLogits.cat(self.extras["topk"])
+        return outputs
 
 
 @dataclass

@@ -205,10 +205,10 @@ def chunk_bytes(tokens: int, chunk: int, vocab: int, b: int) -> float:
 
 
 def fused_chunk_bytes(tokens: int, chunk: int, vocab: int, b: int, device: str) -> float:
-    """`_LinearLogProbs`' block: one float32 buffer of chunk x vocab_block, and under a
-    2-byte dtype beside it the block's logits or their gradient in that dtype, plus on the
-    CPU a float32 one (its 2-byte matrix products, measured) (raypo.train.forward)."""
-    from raypo.train.forward import vocab_block
+    """`LinearLogProbs`' block (raypo.train.chunked_head): one float32 buffer of chunk x
+    vocab_block, and under a 2-byte dtype beside it the block's logits or their gradient in
+    that dtype, plus on the CPU a float32 one (its 2-byte matrix products, measured)."""
+    from raypo.train.chunked_head import vocab_block
 
     per_logit = 4 if b == 4 else 4 + b + (4 if device == "cpu" else 0)
     return float(min(chunk, tokens) * vocab_block(chunk, vocab, device) * per_logit)

@@ -137,13 +137,13 @@ def test_chunked_loss_and_weight_gradients_equal_the_full_logits_ones(name, para
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
 def test_vocabulary_blocks_give_log_softmax_values_and_gradients(monkeypatch, frozen):
-    """The fused head (`_LinearLogProbs`): chunks of 4 rows by vocabulary blocks of 1024,
+    """The fused head (`LinearLogProbs`): chunks of 4 rows by vocabulary blocks of 1024,
     the last one partial, targets at the blocks' edges, a bias: log-probs, WPO's log sum p^2
     and the gradients equal log_softmax's."""
-    from raypo.train import forward
+    from raypo.train import chunked_head
 
-    monkeypatch.setattr(forward, "CPU_BLOCK_ELEMENTS", 4 * 1024)
-    assert forward.vocab_block(4, 5000, "cpu") == 1024
+    monkeypatch.setattr(chunked_head, "CPU_BLOCK_ELEMENTS", 4 * 1024)
+    assert chunked_head.vocab_block(4, 5000, "cpu") == 1024
     torch.manual_seed(0)
     n, hidden, vocab = 13, 7, 5000
     h = torch.randn(n, hidden, requires_grad=True)
@@ -152,7 +152,7 @@ def test_vocabulary_blocks_give_log_softmax_values_and_gradients(monkeypatch, fr
     targets = torch.randint(0, vocab, (n,))
     targets[:4] = torch.tensor([0, 1023, 1024, vocab - 1])
     out: dict = {}
-    logps = forward._LinearLogProbs.apply(h, weight, bias, targets, 4, True, out)
+    logps = chunked_head.LinearLogProbs.apply(h, weight, bias, targets, 4, True, out)
     logits = torch.nn.functional.linear(h, weight, bias)
     want = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-5)
