@@ -8,14 +8,29 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Find the best DPO variant for a model and a preference dataset.")
+from raypo.errors import RaypoError
 
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line
     raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """Every command's RaypoError (bad input, a report it must not write, ...) ends here, once:
+    its message on one line and its exit status (raypo.errors)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RaypoError as e:
+            _fail(str(e), e.exit_status)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Find the best DPO variant for a model and a preference dataset.")
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -47,28 +62,20 @@ def train(
     = False,
 ) -> None:
     """Train one DPO variant; write a one-trial report under reports/<name>/."""
-    from raypo.data.errors import DataError
-    from raypo.reports.folder import ReportFolderError, train_folder
-    from raypo.reports.lock import LockedError, ReportLock
-    from raypo.reports.writer import ReportWriteError
+    from raypo.reports.folder import train_folder
+    from raypo.reports.lock import ReportLock
     from raypo.search.interrupt import Interrupted, Interrupts
     from raypo.search.space import load_fixed
-    from raypo.train.config import ConfigError, name_problem, parse_overrides
+    from raypo.train.config import name_problem, parse_overrides
 
     if name is not None and name_problem(name):
         _fail(f"--name: {name_problem(name)}")
-    try:
-        cfg = load_fixed(config, parse_overrides(set_))
-    except ConfigError as e:
-        _fail(str(e))
+    cfg = load_fixed(config, parse_overrides(set_))
     if name:
         cfg = cfg.model_copy(update={"name": name})
     if plan:
         return _print_plan(cfg)
-    try:  # on a GPU, before anything is loaded: a run that cannot fit exits here
-        _check_run_memory(cfg)
-    except ConfigError as e:
-        _fail(str(e))
+    _check_run_memory(cfg)  # on a GPU, before anything is loaded: a run that cannot fit
     model_save = _model_save(save, merge, cfg, lambda msg: typer.echo(msg, err=True))
     out = Path(cfg.reports) / cfg.name
     try:
@@ -77,8 +84,6 @@ def train(
             row, history = _train_run(cfg, model_save)
             writer.write_trial(row, history)
             writer.write_meta({"kind": "train", "config": cfg.model_dump(mode="json")})
-    except (DataError, ConfigError, LockedError, ReportFolderError, ReportWriteError) as e:
-        _fail(str(e))
     except Interrupted as e:
         _fail(f"{e}: the run stopped before its end; nothing was written to {out}",
               code=e.exit_code)
@@ -104,14 +109,10 @@ def _check_run_memory(cfg) -> None:
 
 def _print_plan(cfg) -> None:
     """`raypo train --plan`: the plan against this machine's GPU, if the run would use one."""
-    from raypo.train.config import ConfigError
     from raypo.train.plan import estimate, local_gpu
 
     gpu = local_gpu(cfg)
-    try:
-        plan = estimate(cfg, device="cpu" if gpu is None else "cuda")
-    except ConfigError as e:
-        _fail(str(e))
+    plan = estimate(cfg, device="cpu" if gpu is None else "cuda")
     typer.echo(f"memory plan of {cfg.name}:")
     if gpu is None:
         typer.echo(plan.describe(against="a CPU run: not checked against memory"))
@@ -242,16 +243,14 @@ def search(
     if address is None and "ray" not in sys.modules:
         # a local instance listens on loopback only (Ray reads this when it is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from raypo.data.errors import DataError
-    from raypo.reports.folder import ReportFolderError, search_folder
-    from raypo.reports.lock import LockedError, ReportLock
-    from raypo.reports.writer import ReportWriteError
+    from raypo.reports.folder import search_folder
+    from raypo.reports.lock import ReportLock
     from raypo.search.interrupt import Interrupted
     from raypo.search.pipeline import search_and_confirm
-    from raypo.search.space import SpaceError, load_space
+    from raypo.search.space import load_space
     from raypo.search.tracking import check_packages, parse_track, with_tracking
     from raypo.storage import StorageError, location
-    from raypo.train.config import ConfigError, name_problem
+    from raypo.train.config import name_problem
 
     overrides = {"model": model, "data": data, "judge.model": judge, "name": name,
                  "budget.trials": samples}
@@ -260,10 +259,7 @@ def search(
     if name is not None and name_problem(name):
         _fail(f"--name: {name_problem(name)}")
     if plan:
-        try:
-            return _print_space_plan(load_space(space, overrides))
-        except (SpaceError, ConfigError) as e:
-            _fail(str(e))
+        return _print_space_plan(load_space(space, overrides))
     try:
         root = location(reports)
         parsed = with_tracking(load_space(space, overrides), parse_track(track))
@@ -274,9 +270,6 @@ def search(
                                      resume=resume, confirm=confirm)
     except StorageError as e:
         _fail(f"--reports {e}")
-    except (SpaceError, ConfigError, DataError, LockedError, ReportFolderError,
-            ReportWriteError) as e:
-        _fail(str(e))
     except Interrupted as e:
         _fail(str(e), code=e.exit_code)
     from raypo.reports import load
@@ -313,7 +306,7 @@ def select(
     ranking of kernel-divergence pairs (or of trials). The ranking compares every trial,
     pruned ones included, at the highest step all of them reached (Report.at_common_step)."""
     from raypo.reports import load
-    from raypo.reports.selecting import NothingToSelect, select_output
+    from raypo.reports.selecting import select_output
 
     if top < 1:
         _fail("--top: expected a positive number")
@@ -321,10 +314,7 @@ def select(
         rep = load(report)
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
-    try:
-        out, note = select_output(rep, report, top, as_json=as_json)
-    except NothingToSelect as e:
-        _fail(str(e))
+    out, note = select_output(rep, report, top, as_json=as_json)
     if note:  # a part of a search is not the search: say so first
         typer.echo(f"note: {note}", err=True)
     typer.echo(out)
@@ -348,12 +338,11 @@ def confirm(
         # a local instance listens on loopback only (Ray reads this when it is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from raypo.reports import load
-    from raypo.reports.lock import LockedError, ReportLock
-    from raypo.reports.writer import ReportWriteError
+    from raypo.reports.lock import ReportLock
     from raypo.search.confirm import run_confirmation
     from raypo.search.interrupt import Interrupted
     from raypo.search.settings import Confirm
-    from raypo.search.space import SpaceError, parse_space
+    from raypo.search.space import parse_space
 
     try:
         rep = load(report)
@@ -371,10 +360,10 @@ def confirm(
         with ReportLock(rep.path, "confirm"):  # one writer per report
             result = run_confirmation(space, rep.path, Confirm.model_validate(settings),
                                       address=address)
-    except (SpaceError, LockedError, ReportWriteError) as e:
-        _fail(str(e))
     except Interrupted as e:
         _fail(str(e), code=e.exit_code)
+    except RaypoError:
+        raise  # its own message (the command line's handler)
     except ValueError as e:  # pydantic: a bad --top/--seeds/--baseline
         _fail(f"confirm: {e}")
     typer.echo(f"verdict: {result['verdict']}", err=True)
@@ -427,15 +416,12 @@ def export_command(
     merge: Annotated[bool, typer.Option(help="a LoRA adapter comes out merged")] = False,
 ) -> None:
     """Copy a kept model of a report (or rebuild one) into a Hugging Face folder."""
-    from raypo.data.errors import DataError
-    from raypo.models.save import SaveError
     from raypo.search.export import export_model
-    from raypo.train.config import ConfigError
 
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     try:
         path = export_model(report, out, trial, rebuild=rebuild, merge=merge, log=log)
-    except (ConfigError, SaveError, DataError, ValueError) as e:  # ExportError: ConfigError
+    except ValueError as e:  # a model that cannot load; raypo's own errors are ValueErrors
         _fail(str(e))
     typer.echo(str(path))
 
@@ -457,16 +443,15 @@ def metrics_command(
     """Selection metrics of the data and the reference model, and the predicted ranking of
     the kernel-divergence pairs (each candidate kernel with each candidate divergence); no
     training."""
-    from raypo.data.errors import DataError
     from raypo.search.evidence import describe, metrics_config, selection_table
-    from raypo.train.config import ConfigError, parse_overrides
+    from raypo.train.config import parse_overrides
 
     log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     try:
         cfg = metrics_config(config, model=model, data=data,
                              overrides=dict(parse_overrides(set_)))
         table = selection_table(cfg, max_pairs=max_pairs, log=log)
-    except (DataError, ConfigError, ValueError) as e:  # ValueError: a model that cannot load
+    except ValueError as e:  # a model that cannot load; raypo's own errors are ValueErrors
         _fail(str(e))
     typer.echo(describe(table))
     if as_json:

@@ -27,12 +27,13 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
+from raypo.errors import RaypoError
 from raypo.files import write_whole
 
 SCHEMES = ("s3", "gs")
 
 
-class StorageError(ValueError):
+class StorageError(RaypoError, ValueError):
     """A storage location raypo cannot use: the message names it and what was expected."""
 
 

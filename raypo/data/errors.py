@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from raypo.errors import RaypoError
 
-class DataError(ValueError):
+
+class DataError(RaypoError, ValueError):
     """A preference dataset that cannot be used as it is.
 
     The message names the file (or hub dataset), the column and the 0-based row, and says what

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from raypo.errors import RaypoError
 from raypo.models.load import DTYPES, _from_pretrained, model_fingerprint
 
 # The longest input the judge reads (the response's end is kept: the score is read there)
 MAX_JUDGE_TOKENS = 4096
 
 
-class JudgeError(ValueError):
+class JudgeError(RaypoError, ValueError):
     """A judge that cannot judge: the message names `judge.model` and what was expected."""
 
 

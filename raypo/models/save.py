@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raypo.errors import RaypoError
 from raypo.files import atomic_write, share_as_new
 from raypo.models.load import _is_peft_model
 from raypo.storage import is_remote, location
@@ -39,7 +40,7 @@ from raypo.storage import is_remote, location
 META = "raypo.json"
 
 
-class SaveError(ValueError):
+class SaveError(RaypoError, ValueError):
     """The target folder cannot take a model: the message says which and why."""
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raypo.errors import RaypoError
 from raypo.reports.tables import read_meta
 from raypo.reports.writer import ReportWriter, check_writable, read_table
 
 
-class ReportFolderError(ValueError):
+class ReportFolderError(RaypoError, ValueError):
     """A report folder this run must not or cannot write; the message says which and why."""
 
 

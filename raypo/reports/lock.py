@@ -55,6 +55,7 @@ import threading
 import time
 from pathlib import Path
 
+from raypo.errors import RaypoError
 from raypo.reports.lock_remote import RemoteLock, object_key, remote_store
 from raypo.reports.writer import ReportWriteError
 from raypo.storage import RemotePath, location
@@ -69,7 +70,7 @@ LEASE_ENV = "RAYPO_LOCK_LEASE_S"
 log = logging.getLogger(__name__)
 
 
-class LockedError(RuntimeError):
+class LockedError(RaypoError, RuntimeError):
     """Another run writes this report folder."""
 
 

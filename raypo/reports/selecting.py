@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+from raypo.errors import RaypoError
 from raypo.reports.schema import describe
 from raypo.reports.status import incomplete_note
 from raypo.reports.tables import Report, common_step_note
@@ -19,7 +20,7 @@ SINGLE_SEED = ("this ranking is single-seed: each trial ran once, across differe
                "space) tests the best against dpo over several seeds")
 
 
-class NothingToSelect(ValueError):
+class NothingToSelect(RaypoError, ValueError):
     """A report without a finished trial (nor a pruned one with a value)."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from raypo.errors import RaypoError
 from raypo.files import write_whole
 from raypo.storage import RemotePath, location
 
@@ -37,7 +38,7 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-class ReportWriteError(OSError):
+class ReportWriteError(RaypoError, OSError):
     """A report file could not be written (a full disk, a read-only folder); the message
     names the file, and the file as it was before is unchanged."""
 

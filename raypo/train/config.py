@@ -15,12 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raypo.data.builtin import VARIANTS
+from raypo.errors import RaypoError
 from raypo.losses import DEFAULT_LOSS, LOSSES, SCHEDULES
 from raypo.models.encoder import check_available, encoder_name
 from raypo.train import yaml12
 
 
-class ConfigError(ValueError):
+class ConfigError(RaypoError, ValueError):
     """A bad configuration: the message names the file, the key and what was expected."""
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from raypo.data.collate import LengthGroupedBatches, collate
+from raypo.errors import RaypoError
 from raypo.losses import schedule
 from raypo.selection.htsr import SUMMARY_KEYS, layer_alphas, summarize
 from raypo.train import checkpoint
@@ -35,8 +36,11 @@ END_METRICS = ("tokens", "train_seconds", "tokens_per_s", "steps", "eval_seconds
 HTSR_METRICS = (*(f"htsr_{k}" for k in SUMMARY_KEYS if k != "layers"), "htsr_matrices")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run (trial) is recorded as failed."""
+class TrainingDiverged(RaypoError, RuntimeError):
+    """The loss became NaN or infinite; the run (trial) is recorded as failed (exit 1: the
+    input was valid, the run was not)."""
+
+    exit_status = 1
 
 
 def _world() -> tuple[int, int]:
