@@ -174,32 +174,20 @@ def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int
             if token_logps:
                 flat["tok"][dest] = out.logps.cpu()
             if topk is not None:
-                k = out.topk.values.shape[-1]
                 for name, values in (("val", out.topk.values),
                                      ("idx", out.topk.indices.to(torch.int32))):
-                    if name not in flat:
-                        flat[name] = torch.zeros(total, k, dtype=values.dtype)
-                    flat[name][dest] = values.cpu()
-            if hidden or embeddings:
+                    _put(flat, name, total, dest, values)
+            if hidden:  # the states that predict the response tokens
                 last = out.model_output.hidden_states[-1]  # (R, W, H)
-                H = last.shape[-1]
-                if hidden:  # the states that predict the response tokens
-                    at = (p - 1)[:, None] + t[None, :]
-                    picked = last.gather(1, at.clamp_max(W - 1)[..., None].expand(-1, -1, H))
-                    if "hid" not in flat:
-                        flat["hid"] = torch.zeros(total, H)
-                    flat["hid"][dest] = picked[valid].float().cpu()
-                if embeddings:
-                    if emb_response is None:
-                        emb_response, emb_prompt = torch.zeros(2 * N, H), torch.zeros(N, H)
-                    cols = torch.arange(W, device=device)[None, :]
-                    is_prompt = (cols < p[:, None]).float()
-                    is_response = ((cols >= p[:, None]) & (cols < (p + n)[:, None])).float()
-                    emb_response[rows_t] = _pool(last, is_response).cpu()
-                    # a prompt's states are the same in its chosen and its rejected row (causal)
-                    chosen = rows_t < N
-                    emb_prompt[rows_t[chosen]] = _pool(last[chosen.to(device)],
-                                                       is_prompt[chosen.to(device)]).cpu()
+                at = ((p - 1)[:, None] + t[None, :]).clamp_max(W - 1)
+                picked = last.gather(1, at[..., None].expand(-1, -1, last.shape[-1]))
+                _put(flat, "hid", total, dest, picked[valid].float())
+            if embeddings:
+                if emb_response is None:
+                    H = out.model_output.hidden_states[-1].shape[-1]
+                    emb_response, emb_prompt = torch.zeros(2 * N, H), torch.zeros(N, H)
+                _pool_rows(out.model_output.hidden_states[-1], p, n, rows_t, N, emb_response,
+                           emb_prompt)
     lengths = {s: torch.from_numpy(seq.response[k * N:(k + 1) * N].copy())
                for k, s in enumerate(SIDES)}
     split = int(seq.response[:N].sum())
@@ -215,6 +203,28 @@ def compute_reference(model, pairs, *, pad_id: int, token_logps: bool, topk: int
         ref.embeddings = {"prompt": emb_prompt.clone(), "chosen": emb_response[:N].clone(),
                           "rejected": emb_response[N:].clone()}
     return ref
+
+
+def _put(flat: dict[str, Tensor], name: str, total: int, dest: Tensor, values: Tensor) -> None:
+    """`values` (one row per response token of a batch) at rows `dest` of the flat (total,
+    ...) tensor `flat[name]`, made on first use in their dtype."""
+    if name not in flat:
+        flat[name] = torch.zeros(total, *values.shape[1:], dtype=values.dtype)
+    flat[name][dest] = values.cpu()
+
+
+def _pool_rows(last: Tensor, p: Tensor, n: Tensor, rows: Tensor, N: int,
+               responses: Tensor, prompts: Tensor) -> None:
+    """Mean-pool a batch's last hidden states (R, W, H) over each row's response into
+    `responses` and, for the chosen rows, over its prompt into `prompts` (a prompt's states
+    are the same in its chosen and its rejected row: the model is causal)."""
+    cols = torch.arange(last.shape[1], device=last.device)[None, :]
+    is_prompt = (cols < p[:, None]).float()
+    is_response = ((cols >= p[:, None]) & (cols < (p + n)[:, None])).float()
+    responses[rows] = _pool(last, is_response).cpu()
+    chosen = rows < N
+    on_device = chosen.to(last.device)
+    prompts[rows[chosen]] = _pool(last[on_device], is_prompt[on_device]).cpu()
 
 
 def _pool(states: Tensor, mask: Tensor) -> Tensor:
