@@ -500,7 +500,7 @@ def table(runs: list[Run], layers: int, vocabs: list[int]) -> None:
               f"{g.tokens_per_s / a.tokens_per_s:.2f}x of after without it")
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--layers", default="2,4", help="comma-separated layer counts (shapes)")
@@ -533,9 +533,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write every run's figures to this file")
-    args = ap.parse_args()
-    if args.child:
-        return child(json.loads(args.child))
+    return ap
+
+
+def _checked(ap: argparse.ArgumentParser, args) -> tuple[list[int], list[int]]:
+    """(layer counts, vocabularies) of the command line, its options checked and filled."""
     args.profile = args.profile or args.profile_only
     args.versions = {v.strip() for v in args.versions.split(",") if v.strip()}
     if not args.versions or args.versions - {"before", "after"}:
@@ -548,6 +550,15 @@ def main() -> None:
         layer_counts, args.no_checkpointing = layer_counts[:1], True
     if min(vocabs) < 32_000:
         ap.error("--vocabs: at least 32000 (the data's words are the first 31,996)")
+    return layer_counts, vocabs
+
+
+def main() -> None:
+    ap = _parser()
+    args = ap.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    layer_counts, vocabs = _checked(ap, args)
 
     begin = time.perf_counter()
     runs: list[Run] = []

@@ -123,34 +123,13 @@ def _print_plan(cfg) -> None:
 
 
 def _print_space_plan(space) -> None:
-    """`raypo search --plan`: the plan of the space's most demanding trial against one GPU's
-    memory (resources.gpu_memory_gb, else this machine's GPU) times a trial's share."""
-    from raypo.search.checks import space_plan, trial_share
-    from raypo.train.plan import GB
+    """`raypo search --plan` (raypo.search.checks.plan_report); exit 2 when it cannot fit."""
+    from raypo.search.checks import plan_report
 
-    r = space.settings.resources
-    gpu = None
-    if r.gpus and r.gpu_memory_gb is not None:
-        gpu = (r.gpu_memory_gb * GB, f"resources.gpu_memory_gb: {r.gpu_memory_gb:g}")
-    elif r.gpus:
-        from raypo.train.plan import local_gpu
-
-        gpu = local_gpu(space.representative_config)
-    plan, values = space_plan(space, device="cuda" if r.gpus else "cpu")
-    shown = ", ".join(f"{k} {v}" for k, v in values.items())
-    typer.echo(f"memory plan of {space.source}, its most demanding trial"
-               f"{f' ({shown})' if shown else ''}:")
-    if gpu is None:
-        why = ("CPU trials: not checked against memory" if not r.gpus else
-               "not checked: no resources.gpu_memory_gb and no GPU here; a search reads a "
-               "GPU node's memory at its start, or needs resources.gpu_memory_gb")
-        typer.echo(plan.describe(against=why))
-        return
-    share = trial_share(space)
-    against = gpu[1] + (f" x {share:g} (resources.gpus)" if share < 1 else "")
-    typer.echo(plan.describe(gpu[0] * share, against))
-    if not plan.fits(gpu[0] * share):
-        _fail(f"the memory plan of the most demanding trial does not fit ({against})")
+    text, failure = plan_report(space)
+    typer.echo(text)
+    if failure:
+        _fail(failure)
 
 
 def _model_save(save: Path | None, merge: bool, cfg, log):

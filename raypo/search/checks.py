@@ -145,3 +145,32 @@ def check_live_memory(space: SearchSpace, log=print, timeout_s: float = GPU_READ
             f"an autoscaling cluster's start, or none was free within {timeout_s:g} s); give "
             "one GPU's memory in GB, e.g. resources: {gpu_memory_gb: 24} for an A10G")
     return check_memory(space, gpu, "the cluster's GPU", log)
+
+
+def plan_report(space: SearchSpace) -> tuple[str, str | None]:
+    """`raypo search --plan`: the plan of the space's most demanding trial against one GPU's
+    memory (resources.gpu_memory_gb, else this machine's GPU) times a trial's share, as text,
+    and why it cannot fit (None when it fits or is not checked)."""
+    from raypo.train.plan import GB, local_gpu
+
+    r = space.settings.resources
+    gpu = None
+    if r.gpus and r.gpu_memory_gb is not None:
+        gpu = (r.gpu_memory_gb * GB, f"resources.gpu_memory_gb: {r.gpu_memory_gb:g}")
+    elif r.gpus:
+        gpu = local_gpu(space.representative_config)
+    plan, values = space_plan(space, device="cuda" if r.gpus else "cpu")
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    title = (f"memory plan of {space.source}, its most demanding trial"
+             f"{f' ({shown})' if shown else ''}:")
+    if gpu is None:
+        why = ("CPU trials: not checked against memory" if not r.gpus else
+               "not checked: no resources.gpu_memory_gb and no GPU here; a search reads a "
+               "GPU node's memory at its start, or needs resources.gpu_memory_gb")
+        return f"{title}\n{plan.describe(against=why)}", None
+    share = trial_share(space)
+    against = gpu[1] + (f" x {share:g} (resources.gpus)" if share < 1 else "")
+    text = f"{title}\n{plan.describe(gpu[0] * share, against)}"
+    if plan.fits(gpu[0] * share):
+        return text, None
+    return text, f"the memory plan of the most demanding trial does not fit ({against})"
