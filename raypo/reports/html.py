@@ -4,6 +4,8 @@ The page reads without a network: every figure is an inline SVG drawn by matplot
 sheet is inline, and nothing is loaded from elsewhere. Sections, top to bottom:
 
 - summary: search name, objective(s), trials by status, the best trial and its hyperparameters;
+- the confirmation over seeds: each finalist against the baseline, paired by seed, with the
+  intervals and the verdict (or a note that none has run);
 - the kernel x divergence heatmap of the objective (mean per cell over the trials at the
   common step, Report.at_common_step: the finished trials and the pruned ones, compared at the
   highest step all of them reached; the number of trials, how many were pruned, and the

@@ -217,11 +217,3 @@ def describe(table: pd.DataFrame) -> str:
             f"{confidence:.2f}, a prior: docs/selection.md):\n"
             + ranking.to_string(index=False),
         ])
-
-
-def best_pairs(table: pd.DataFrame, n: int | None = None) -> list[tuple[str, str]]:
-    """The (kernel, divergence) pairs of a selection table in predicted order, the first `n`
-    (all with None): the points a search evaluates first."""
-    ordered = table.sort_values("predicted_rank")
-    pairs = list(zip(ordered["kernel"], ordered["divergence"], strict=True))
-    return pairs if n is None else pairs[:n]
