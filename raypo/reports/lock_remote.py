@@ -4,6 +4,7 @@ google-cloud-storage on Google Cloud Storage (generation preconditions)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 from raypo.reports.writer import ReportWriteError
@@ -45,25 +46,31 @@ def remote_store(folder: RemotePath, path: RemotePath) -> RemoteLock:
     raise StorageError(f"{folder}: no lock for {folder.scheme}:// storage")
 
 
+def _client(path: RemotePath, modules: tuple[str, ...], where: str, extra: str) -> list:
+    """The client library's `modules` of an object store; StorageError saying what to install
+    when they are missing (one writer per report needs a conditional write, which pyarrow
+    does not have)."""
+    try:
+        return [importlib.import_module(name) for name in modules]
+    except ImportError:
+        raise StorageError(f"{path.parent}: the report is on {where}, and one writer per report "
+                           "needs a conditional write, which pyarrow does not have: pip install "
+                           f"{extra}") from None
+
+
 class S3Lock(RemoteLock):
     CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
     MISSING = ("NoSuchKey", "404", "NotFound")
 
     def __init__(self, path: RemotePath):
         super().__init__(path)
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ImportError:
-            raise StorageError(
-                f"{path.parent}: the report is on S3, and one writer per report needs a "
-                "conditional write, which pyarrow does not have: pip install 'raypo[s3]' "
-                "(boto3)") from None
+        boto3, botocore = _client(path, ("boto3", "botocore.exceptions"),
+                                  "S3", "'raypo[s3]' (boto3)")
         self.bucket, self.key = object_key(path)
-        self.ClientError, self.BotoCoreError = ClientError, BotoCoreError
+        self.ClientError, self.BotoCoreError = botocore.ClientError, botocore.BotoCoreError
         try:
             self.client = boto3.client("s3")  # endpoint, region, credentials: boto3's own
-        except BotoCoreError as e:
+        except self.BotoCoreError as e:
             raise self._failed(e) from None
         model = self.client.meta.service_model
         self.put_if_match = "IfMatch" in model.operation_model("PutObject").input_shape.members
@@ -122,14 +129,8 @@ class GCSLock(RemoteLock):
 
     def __init__(self, path: RemotePath):
         super().__init__(path)
-        try:
-            from google.api_core import exceptions
-            from google.cloud import storage
-        except ImportError:
-            raise StorageError(
-                f"{path.parent}: the report is on Google Cloud Storage, and one writer per "
-                "report needs a conditional write, which pyarrow does not have: pip install "
-                "'raypo[gcs]'") from None
+        exceptions, storage = _client(path, ("google.api_core.exceptions", "google.cloud.storage"),
+                                      "Google Cloud Storage", "'raypo[gcs]'")
         bucket, key = object_key(path)
         self.errors = exceptions
         self.bucket = storage.Client().bucket(bucket)
