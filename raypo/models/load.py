@@ -13,6 +13,7 @@ downloaded. LoRA needs the optional extra `pip install 'raypo[lora]'` (peft), im
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -225,6 +226,17 @@ class Reference:
                     return model(**model_inputs)
             finally:
                 model.train(was_training)
+
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """The reference as a module whose own methods may be called (`generate`): the frozen
+        copy, or for LoRA the policy with its adapters off for the block."""
+        model = self.model
+        if not self.shares_policy:
+            yield model
+            return
+        with model.disable_adapter():
+            yield model
 
     def release(self) -> None:
         """Drop the reference (the frozen copy's memory is freed); later calls raise."""

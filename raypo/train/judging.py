@@ -112,8 +112,8 @@ def reference_judgement(setup, log=print) -> dict:
         return torch.load(path, weights_only=True)
     log(f"judge: sampling and scoring the reference's responses to "
         f"{len(setup.judge_prompts.ids)} held-out prompts (once; cached afterwards)")
-    with setup.autocast():
-        samples, texts, scores = _sampled(setup, setup.reference_model.model, seed)
+    with setup.autocast(), setup.reference_model.unwrapped() as reference:
+        samples, texts, scores = _sampled(setup, reference, seed)
     out = {"scores": scores, "lengths": samples.lengths, "texts": texts}
     atomic_torch_save(out, path)
     return out

@@ -83,9 +83,10 @@ def evaluate(setup: Setup, step: int, forward_model=None) -> dict[str, float]:
                                             seed=setup.cfg.seed + 1))
     if setup.task is not None and setup.judge is None:  # the reference is never sharded
         if "ref_true_reward" not in setup.cache:
-            with setup.autocast():
-                ref = sample_and_score(setup, setup.reference_model.model,
-                                       setup.cfg.eval_samples, seed=setup.cfg.seed + 1)
+            # LoRA: the policy with its adapters off, not the policy trained so far
+            with setup.autocast(), setup.reference_model.unwrapped() as reference:
+                ref = sample_and_score(setup, reference, setup.cfg.eval_samples,
+                                       seed=setup.cfg.seed + 1)
             setup.cache["ref_true_reward"] = ref["true_reward"]
         metrics["ref_true_reward"] = setup.cache["ref_true_reward"]
     setup.policy.train()

@@ -109,6 +109,19 @@ def test_lora_on_the_builtin_task_trains_the_adapters_of_the_fitted_base(tmp_pat
     assert set(checkpoint.load(tmp_path)["policy"]) == trained
 
 
+def test_a_lora_runs_reference_samples_are_the_fitted_bases_not_the_trained_policys():
+    """The reference of a LoRA policy is the policy with its adapters off, for sampling too:
+    its true reward is the one a frozen copy of the fitted base gives (same prompts, same
+    seed), however far the adapters have moved by the first evaluation."""
+    pytest.importorskip("peft")
+    common = [*SMALL, "steps=3", "eval_every=3", "lr=0.05", "htsr=off"]
+    plain = train(prepare(load_config(None, common), log=lambda m: None))
+    lora = train(prepare(load_config(None, [*common, "lora={r: 8, alpha: 16, target_modules: "
+                                                     "all-linear}"]), log=lambda m: None))
+    assert lora["true_reward"] != pytest.approx(lora["ref_true_reward"])  # the policy moved
+    assert lora["ref_true_reward"] == pytest.approx(plain["ref_true_reward"], abs=1e-12)
+
+
 @pytest.mark.slow
 def test_dpo_learns_the_graded_task():
     cfg = load_config("search_spaces/builtin_dpo.yaml")
