@@ -11,13 +11,14 @@ import json
 import math
 
 from raypo.errors import RaypoError
+from raypo.losses import DEFAULT_LOSS
 from raypo.reports.schema import describe
 from raypo.reports.status import incomplete_note
 from raypo.reports.tables import Report, common_step_note
 
 SINGLE_SEED = ("this ranking is single-seed: each trial ran once, across different settings, "
                "so its order may be seed noise; `raypo confirm REPORT` (or `confirm:` in the "
-               "space) tests the best against dpo over several seeds")
+               f"space) tests the best against {DEFAULT_LOSS} over several seeds")
 
 
 class NothingToSelect(RaypoError, ValueError):
