@@ -82,7 +82,7 @@ class Judge:
         """JudgeError when the judge's tokenizer cannot render one of `prompts`."""
         for i, prompt in enumerate(prompts):
             try:
-                ids = self._encode([prompt], ["a response"])["input_ids"]
+                ids = self.encode([prompt], ["a response"])["input_ids"]
             except Exception as e:  # a template's own raise_exception, a missing role, ...
                 raise JudgeError(f"judge.model: {self.name}: its tokenizer cannot render "
                                  f"held-out prompt {i} ({str(prompt)[:80]!r}): "
@@ -91,7 +91,8 @@ class Judge:
                 raise JudgeError(f"judge.model: {self.name}: its tokenizer renders held-out "
                                  f"prompt {i} as no tokens")
 
-    def _encode(self, prompts: list, responses: list[str]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list, responses: list[str]) -> dict[str, torch.Tensor]:
+        """The judge's padded input of each (prompt, response), as `score` reads it."""
         tok = self.tokenizer
         if self.chat:
             texts = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -106,7 +107,7 @@ class Judge:
         """(N,) float32 scores of each (prompt, response), on the CPU."""
         out = []
         for start in range(0, len(prompts), batch_size):
-            batch = self._encode(prompts[start:start + batch_size],
+            batch = self.encode(prompts[start:start + batch_size],
                                  responses[start:start + batch_size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out.append(self.model(**batch).logits[:, 0].float().cpu())

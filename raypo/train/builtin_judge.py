@@ -72,7 +72,7 @@ def _fit(judge: Judge, corpus: list[dict], seed: int) -> float:
     for _ in range(fit["steps"]):
         rows = [corpus[i] for i in torch.randint(0, len(corpus), (fit["batch_size"],),
                                                  generator=g).tolist()]
-        batch = judge._encode([r["prompt"] for r in rows], [r["response"] for r in rows])
+        batch = judge.encode([r["prompt"] for r in rows], [r["response"] for r in rows])
         target = torch.tensor([r["reward"] for r in rows])
         loss = torch.nn.functional.mse_loss(model(**batch).logits[:, 0], target)
         loss.backward()

@@ -67,6 +67,15 @@ class TaskConfig(_Strict):
         return v
 
 
+def _existing_folder(v: str, what: str) -> str:
+    """`v` unless it is a path (not a hub name) that is not there: said now, not after a hub
+    look-up."""
+    if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().is_dir():
+        raise ValueError(f"{v}: no such folder ({what} is a folder with config.json, as "
+                         "save_pretrained writes)")
+    return v
+
+
 class JudgeConfig(_Strict):
     """`judge: {model: PATH_OR_HUB_NAME}` (a reward model: a sequence classifier with one
     output) or `judge: builtin` (the built-in task's fitted tiny judge): at every evaluation
@@ -86,10 +95,7 @@ class JudgeConfig(_Strict):
     def _named(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected a reward model's folder or hub name, or builtin")
-        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().is_dir():
-            raise ValueError(f"{v}: no such folder (a reward model is a folder with "
-                             "config.json, as save_pretrained writes)")
-        return v
+        return _existing_folder(v, "a reward model")
 
     @property
     def builtin(self) -> bool:
@@ -220,12 +226,7 @@ class TrainConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _local_model_exists(cls, v: str | None) -> str | None:
-        # a path (not a hub name) that is not there: say so now, not after a hub look-up
-        if (v is not None and v.startswith(("/", "./", "../", "~"))
-                and not Path(v).expanduser().is_dir()):
-            raise ValueError(f"{v}: no such folder (a local model is a folder with "
-                             "config.json, as save_pretrained writes)")
-        return v
+        return v if v is None else _existing_folder(v, "a local model")
 
     @field_validator("embedding_source")
     @classmethod
